@@ -1,0 +1,557 @@
+"""Fake OpenAI-compatible streaming chat upstream for local development and fault-injection tests.
+
+Never shipped to production.  Run standalone with ``python dev/fake_llm.py --port 0 --delay 0.03`` or embed
+``FakeLLM`` in tests; both can be scripted (in-process via ``enqueue`` or over HTTP via ``POST /_script``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections import deque
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+CHAT_PATHS = frozenset({"/chat/completions", "/v1/chat/completions", "/compatible-mode/v1/chat/completions"})
+
+_INT_KEYS = ("status", "drop_after", "malformed_after", "overlong_after", "hang_after", "overlong_bytes")
+_FLOAT_KEYS = ("delay", "first_byte_delay", "headers_then_delay")
+SCRIPT_KEYS = frozenset(_INT_KEYS + _FLOAT_KEYS + ("body", "text", "chunks", "no_done", "reasoning", "usage"))
+DEFAULT_OVERLONG_BYTES = 2_000_000
+MALFORMED_FRAME = b"data: {not json\n\n"
+
+# ASCII words (with their leading space) or 1-3 other characters per frame, like a tokenizer would.
+_PIECE_RE = re.compile(r"\s*[A-Za-z0-9_'-]+|\s*[^\sA-Za-z0-9_'-]{1,3}|\s+")
+
+
+def _dumps(obj: Any) -> str:
+    """Serialize compactly with non-ASCII kept as-is, as DashScope does."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def split_pieces(text: str) -> list[str]:
+    """Split text into word-sized / few-character pieces whose concatenation is the original text."""
+    return _PIECE_RE.findall(text)
+
+
+def validate_script(script: Any) -> dict[str, Any]:
+    """Check a script's keys and value types, raising ValueError on anything a test author likely mistyped."""
+    if not isinstance(script, dict):
+        raise ValueError("script must be a JSON object")
+    unknown = set(script) - SCRIPT_KEYS
+    if unknown:
+        raise ValueError(f"unknown script keys: {sorted(unknown)}")
+    for key in _INT_KEYS:
+        value = script.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"{key} must be a non-negative int")
+    for key in _FLOAT_KEYS:
+        value = script.get(key)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0
+        ):
+            raise ValueError(f"{key} must be a non-negative number")
+    for key in ("text", "reasoning"):
+        if script.get(key) is not None and not isinstance(script[key], str):
+            raise ValueError(f"{key} must be a string")
+    chunks = script.get("chunks")
+    if chunks is not None and (not isinstance(chunks, list) or not all(isinstance(c, str) for c in chunks)):
+        raise ValueError("chunks must be a list of strings")
+    if script.get("usage") is not None and not isinstance(script["usage"], dict):
+        raise ValueError("usage must be an object")
+    if script.get("body") is not None and not isinstance(script["body"], (dict, list, str)):
+        raise ValueError("body must be a JSON object or a string")
+    return dict(script)
+
+
+def _message_text(content: Any) -> tuple[str, int]:
+    """Return the text of a message content (string or multimodal part list) and its number of images."""
+    if isinstance(content, str):
+        return content, 0
+    if not isinstance(content, list):
+        return "", 0
+    texts: list[str] = []
+    images = 0
+    for part in content:
+        if not isinstance(part, dict):
+            continue
+        if part.get("type") == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif part.get("type") in ("image_url", "image", "input_image"):
+            images += 1
+    return " ".join(texts), images
+
+
+def default_reply(messages: Any, limit: int = 40) -> str:
+    """Build the plainly-labelled stand-in reply that echoes a shortened form of the last user message."""
+    text, images = "", 0
+    if isinstance(messages, list):
+        for message in reversed(messages):
+            if isinstance(message, dict) and message.get("role") == "user":
+                text, images = _message_text(message.get("content"))
+                break
+    text = " ".join(text.split())
+    if len(text) > limit:
+        text = text[:limit] + "…"
+    parts = ["（本地替身模型）"]
+    parts.append(f"你说的是：「{text}」。" if text else "没有收到文字消息。")
+    if images:
+        parts.append(f"我还收到了{images}张图片，但替身模型看不懂图片。")
+    parts.append("这是本地开发用的模拟回复，不是真实的大模型。")
+    return "".join(parts)
+
+
+def _prompt_chars(messages: Any) -> int:
+    """Count prompt characters as a stand-in for prompt tokens."""
+    if not isinstance(messages, list):
+        return 0
+    return sum(len(_message_text(m.get("content"))[0]) for m in messages if isinstance(m, dict))
+
+
+class _Abort(Exception):
+    """Raised inside a handler to end a response early because the client left or the server is stopping."""
+
+
+class _Server(ThreadingHTTPServer):
+    """Threading HTTP server that tracks live connections and handler threads so stop() can end them."""
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, address: tuple[str, int], fake: FakeLLM) -> None:
+        """Bind the listening socket and remember the owning FakeLLM."""
+        super().__init__(address, _Handler)
+        self.fake = fake
+        self._track_lock = threading.Lock()
+        self._conns: set[socket.socket] = set()
+        self._handler_threads: set[threading.Thread] = set()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Serve each connection on its own tracked daemon thread."""
+        thread = threading.Thread(
+            target=self.process_request_thread,
+            args=(request, client_address),
+            name="fake-llm-conn",
+            daemon=True,
+        )
+        with self._track_lock:
+            self._conns.add(request)
+            self._handler_threads = {t for t in self._handler_threads if t.is_alive()}
+            self._handler_threads.add(thread)
+        thread.start()
+
+    def shutdown_request(self, request: Any) -> None:
+        """Forget a connection once its handler is done with it."""
+        with self._track_lock:
+            self._conns.discard(request)
+        super().shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Stay quiet about clients that vanish; still report real bugs."""
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        super().handle_error(request, client_address)
+
+    def close_connections(self, timeout: float) -> None:
+        """Shut down every open connection and wait for the handler threads to finish."""
+        with self._track_lock:
+            conns = list(self._conns)
+            threads = list(self._handler_threads)
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Request handler implementing the chat completions endpoint and the /_ control endpoints."""
+
+    protocol_version = "HTTP/1.1"
+    # Frames are small separate writes; Nagle + delayed ACK would add ~40 ms stalls and skew latency numbers.
+    disable_nagle_algorithm = True
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Log nothing, so tests and dev servers stay quiet."""
+
+    @property
+    def fake(self) -> FakeLLM:
+        """Return the FakeLLM that owns this server."""
+        return self.server.fake
+
+    def _route(self) -> str:
+        """Return the request path without its query string."""
+        return self.path.split("?", 1)[0]
+
+    def do_GET(self) -> None:
+        """Serve GET /_requests."""
+        if self._route() == "/_requests":
+            self._send_json(200, self.fake.requests)
+        else:
+            self._send_json(404, _error_body("not found", "not_found"))
+
+    def do_POST(self) -> None:
+        """Dispatch POST to the chat endpoint or the control endpoints."""
+        route = self._route()
+        try:
+            raw = self._read_body()
+        except (ValueError, OSError):
+            self.close_connection = True
+            return
+        if route == "/_script":
+            try:
+                script = validate_script(json.loads(raw or b"null"))
+            except ValueError as exc:
+                self._send_json(400, _error_body(str(exc), "invalid_script"))
+                return
+            self.fake.enqueue(**script)
+            self._send_json(200, {"ok": True})
+        elif route == "/_reset":
+            self.fake.reset()
+            self._send_json(200, {"ok": True})
+        elif route in CHAT_PATHS:
+            self._chat(raw)
+        else:
+            self._send_json(404, _error_body("not found", "not_found"))
+
+    def _read_body(self) -> bytes:
+        """Read the request body, whether sized by Content-Length or chunked."""
+        length = self.headers.get("Content-Length")
+        if length is not None:
+            return self.rfile.read(int(length))
+        if "chunked" not in self.headers.get("Transfer-Encoding", "").lower():
+            return b""
+        data = bytearray()
+        while True:
+            size = int(self.rfile.readline().split(b";", 1)[0].strip(), 16)
+            if size == 0:
+                # Skip any trailers up to the blank line.
+                while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                    pass
+                return bytes(data)
+            data += self.rfile.read(size)
+            self.rfile.readline()
+
+    def _chat(self, raw: bytes) -> None:
+        """Record a chat request and answer it per the next queued script (or the default reply)."""
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            body = None
+        self.fake._record(self._route(), self.headers.get("Authorization"), body)
+        script = self.fake._next_script()
+        try:
+            self._pause(script.get("first_byte_delay", 0))
+            status = script.get("status", 200)
+            if status != 200:
+                self._send_scripted_error(status, script.get("body"))
+            elif body is None:
+                self._send_json(
+                    400, _error_body("request body is not a JSON object", "invalid_request_error")
+                )
+            elif body.get("stream"):
+                self._stream(body, script)
+            else:
+                self._send_json(200, self._completion(body, script))
+        except (_Abort, OSError):
+            # Client went away or the server is stopping: just end, without a traceback.
+            self.close_connection = True
+
+    def _pause(self, seconds: float) -> None:
+        """Wait, raising _Abort as soon as the server stops or the client hangs up."""
+        if self.fake._stopping.is_set():
+            raise _Abort
+        if seconds <= 0:
+            return
+        conn = self.connection
+        deadline = time.monotonic() + seconds
+        while True:
+            if self.fake._stopping.is_set():
+                raise _Abort
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            step = min(remaining, 0.1)
+            previous = conn.gettimeout()
+            # Peeking with a timeout (rather than select) detects a closed client without an fd-count limit.
+            conn.settimeout(step)
+            try:
+                peeked = conn.recv(1, socket.MSG_PEEK)
+            except TimeoutError:
+                continue
+            except OSError:
+                raise _Abort from None
+            finally:
+                conn.settimeout(previous)
+            if not peeked:
+                raise _Abort
+            # The client sent more bytes (pipelining); they are not ours to read, so just sleep.
+            self.fake._stopping.wait(step)
+
+    def _send_json(self, status: int, obj: Any) -> None:
+        """Send a complete JSON response with Content-Length."""
+        self._send_bytes(status, _dumps(obj).encode(), "application/json")
+
+    def _send_bytes(self, status: int, data: bytes, content_type: str) -> None:
+        """Send a complete non-streamed response."""
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        self.wfile.flush()
+
+    def _send_scripted_error(self, status: int, body: Any) -> None:
+        """Send the scripted error status with its JSON or plain-text body."""
+        if body is None:
+            body = _error_body(f"fake upstream error {status}", "fake_error", str(status))
+        if isinstance(body, str):
+            self._send_bytes(status, body.encode(), "text/plain; charset=utf-8")
+        else:
+            self._send_json(status, body)
+
+    def _texts(self, body: dict[str, Any], script: dict[str, Any]) -> tuple[list[str], list[str]]:
+        """Return the reasoning pieces and the content pieces for this reply."""
+        if script.get("chunks") is not None:
+            content = list(script["chunks"])
+        elif script.get("text") is not None:
+            content = split_pieces(script["text"])
+        else:
+            content = split_pieces(default_reply(body.get("messages")))
+        reasoning = split_pieces(script.get("reasoning") or "")
+        return reasoning, content
+
+    def _usage(self, body: dict[str, Any], script: dict[str, Any], completion_chars: int) -> dict[str, Any]:
+        """Return the scripted usage, or character counts standing in for token counts."""
+        if script.get("usage") is not None:
+            return script["usage"]
+        prompt = _prompt_chars(body.get("messages"))
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion_chars,
+            "total_tokens": prompt + completion_chars,
+        }
+
+    def _completion(self, body: dict[str, Any], script: dict[str, Any]) -> dict[str, Any]:
+        """Build a non-streamed chat.completion object."""
+        reasoning, content = self._texts(body, script)
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(content)}
+        if reasoning:
+            message["reasoning_content"] = "".join(reasoning)
+        completion_chars = len("".join(reasoning)) + len(message["content"])
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body.get("model") or "fake-llm",
+            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+            "usage": self._usage(body, script, completion_chars),
+            "x_sent_at": time.time(),
+        }
+
+    def _send_chunk(self, data: bytes) -> None:
+        """Write one HTTP/1.1 chunk (an empty one terminates the body) and flush it."""
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def _stream(self, body: dict[str, Any], script: dict[str, Any]) -> None:
+        """Stream the reply as OpenAI chat.completion.chunk SSE frames, applying any scripted faults."""
+        reasoning, content = self._texts(body, script)
+        delay = script.get("delay", self.fake.delay)
+        base = {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": body.get("model") or "fake-llm",
+        }
+
+        def event(choices: list[dict[str, Any]], **extra: Any) -> None:
+            frame = {**base, "choices": choices, **extra, "x_sent_at": time.time()}
+            self._send_chunk(f"data: {_dumps(frame)}\n\n".encode())
+
+        frames: list[tuple[dict[str, Any], str | None]] = [
+            ({"reasoning_content": p}, None) for p in reasoning
+        ]
+        frames += [({"content": p}, None) for p in content]
+        if content:
+            frames[-1] = (frames[-1][0], "stop")
+        else:
+            frames.append(({}, "stop"))
+        total = len(frames)
+
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.wfile.flush()
+        self._pause(script.get("headers_then_delay", 0))
+        event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+        self._inject(script, 0, total, base)
+        for sent, (delta, finish_reason) in enumerate(frames, start=1):
+            self._pause(delay)
+            event([{"index": 0, "delta": delta, "finish_reason": finish_reason}])
+            self._inject(script, sent, total, base)
+        stream_options = body.get("stream_options")
+        wants_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
+        if wants_usage or script.get("usage") is not None:
+            completion_chars = len("".join(reasoning)) + len("".join(content))
+            event([], usage=self._usage(body, script, completion_chars))
+        if not script.get("no_done"):
+            self._send_chunk(b"data: [DONE]\n\n")
+        self._send_chunk(b"")
+
+    def _inject(self, script: dict[str, Any], sent: int, total: int, base: dict[str, Any]) -> None:
+        """Apply the faults scripted to happen after `sent` frames (counts beyond the end clip to the end)."""
+
+        def due(key: str) -> bool:
+            return script.get(key) is not None and min(script[key], total) == sent
+
+        if due("malformed_after"):
+            self._send_chunk(MALFORMED_FRAME)
+        if due("overlong_after"):
+            self._send_chunk(_overlong_frame(base, script.get("overlong_bytes", DEFAULT_OVERLONG_BYTES)))
+        if due("drop_after"):
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RDWR)
+            raise _Abort
+        if due("hang_after"):
+            self._pause(math.inf)
+
+
+def _overlong_frame(base: dict[str, Any], size: int) -> bytes:
+    """Return a valid `data:` line of exactly `size` bytes (plus the blank line), padded in an extra field."""
+    frame = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": None}], "x_padding": ""}
+    head = f"data: {_dumps(frame)}".encode()
+    padding = max(0, size - len(head))
+    frame["x_padding"] = "x" * padding
+    return f"data: {_dumps(frame)}\n\n".encode()
+
+
+def _error_body(message: str, type_: str, code: str | None = None) -> dict[str, Any]:
+    """Build an OpenAI-style error object."""
+    return {"error": {"message": message, "type": type_, "code": code or type_}}
+
+
+class FakeLLM:
+    """In-process fake OpenAI-compatible chat upstream with a FIFO of fault-injection scripts."""
+
+    def __init__(self, *, delay: float = 0.03, host: str = "127.0.0.1", port: int = 0) -> None:
+        """Configure (but do not start) the fake; port 0 picks a free port at start()."""
+        self.delay = delay
+        self.host = host
+        self.port = port
+        self._lock = threading.Lock()
+        self._scripts: deque[dict[str, Any]] = deque()
+        self._requests: list[dict[str, Any]] = []
+        self._stopping = threading.Event()
+        self._httpd: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> FakeLLM:
+        """Bind and serve on a background daemon thread; returns self for chaining."""
+        if self._httpd is not None:
+            raise RuntimeError("FakeLLM already started")
+        self._stopping.clear()
+        httpd = _Server((self.host, self.port), self)
+        self.port = httpd.server_address[1]
+        self._httpd = httpd
+        self._thread = threading.Thread(
+            target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-llm-server", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop serving, cut open connections (including hanging streams) and join all threads."""
+        httpd, thread = self._httpd, self._thread
+        if httpd is None:
+            return
+        self._stopping.set()
+        httpd.shutdown()
+        if thread is not None:
+            thread.join(timeout)
+        httpd.close_connections(timeout)
+        httpd.server_close()
+        self._httpd = self._thread = None
+
+    def __enter__(self) -> FakeLLM:
+        """Start on entering a with-block."""
+        return self.start()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        """Stop on leaving a with-block."""
+        self.stop()
+
+    @property
+    def base_url(self) -> str:
+        """Return the URL clients prefix to /chat/completions."""
+        host = "127.0.0.1" if self.host in ("", "0.0.0.0") else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def requests(self) -> list[dict[str, Any]]:
+        """Return a snapshot of the recorded chat requests ({"path", "headers", "body"})."""
+        with self._lock:
+            return list(self._requests)
+
+    def enqueue(self, **script: Any) -> None:
+        """Queue a script for the next chat request not yet claimed by an earlier script."""
+        checked = validate_script(script)
+        with self._lock:
+            self._scripts.append(checked)
+
+    def reset(self) -> None:
+        """Drop queued scripts and recorded requests."""
+        with self._lock:
+            self._scripts.clear()
+            self._requests.clear()
+
+    def _record(self, path: str, authorization: str | None, body: dict[str, Any] | None) -> None:
+        """Append one chat request to the record."""
+        with self._lock:
+            self._requests.append({"path": path, "headers": {"Authorization": authorization}, "body": body})
+
+    def _next_script(self) -> dict[str, Any]:
+        """Pop the next queued script, or an empty one meaning the default reply."""
+        with self._lock:
+            return self._scripts.popleft() if self._scripts else {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the fake standalone until SIGTERM or SIGINT."""
+    parser = argparse.ArgumentParser(description="Fake OpenAI-compatible streaming chat upstream (dev only).")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--delay", type=float, default=0.03, help="seconds between frames")
+    args = parser.parse_args(argv)
+
+    done = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: done.set())
+    fake = FakeLLM(delay=args.delay, host=args.host, port=args.port).start()
+    print(f"fake-llm listening on {fake.base_url}", flush=True)
+    try:
+        # A timed wait keeps the main thread responsive to signals on every platform.
+        while not done.wait(0.5):
+            pass
+    finally:
+        fake.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

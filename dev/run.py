@@ -1,0 +1,109 @@
+"""`make run`: serve both services on loopback with the embedded defaults (a dev tool, never shipped)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LAYER = ROOT / "layers" / "common" / "python"
+
+
+def local_environment(data_dir: Path) -> dict[str, str]:
+    """The environment the local services run with: the caller's overrides on top of local defaults."""
+    env = dict(os.environ)
+    env.setdefault("AICHAT_ENV", "local")
+    env.setdefault("AICHAT_SMS_PROVIDER", "console")
+    env.setdefault("AICHAT_DB_URL", f"sqlite:///{data_dir / 'aichat.db'}")
+    if not env.get("AICHAT_JWT_SECRET"):
+        # Both services must share one secret, and tokens should survive a restart: persist it.
+        secret_file = data_dir / "jwt_secret"
+        if not secret_file.exists():
+            secret_file.write_text(secrets.token_urlsafe(48))
+            secret_file.chmod(0o600)
+        env["AICHAT_JWT_SECRET"] = secret_file.read_text().strip()
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(LAYER), env.get("PYTHONPATH", "")) if p)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def serve(function: str, port: int, env: dict[str, str]) -> subprocess.Popen:
+    """Start one FC function's app under gunicorn exactly as FC's start command does, on loopback."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-c", "python:aichat.gunicorn_conf", "app:app"],
+        cwd=ROOT / "functions" / function,
+        env={**env, "AICHAT_BIND": f"127.0.0.1:{port}"},
+    )
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 30) -> None:
+    """Block until a service answers its URL, or fail if it exits or stays silent."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{url} exited with code {proc.returncode}; see the log above")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"{url} did not answer within {timeout_s:.0f} s")
+
+
+def main() -> int:
+    """Migrate, then run LoginService, ChatService and (without an LLM key) the local fake upstream."""
+    data_dir = Path(os.environ.get("AICHAT_DATA_DIR", ROOT / "data")).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    env = local_environment(data_dir)
+    login_port = int(env.get("AICHAT_LOGIN_PORT", "9000"))
+    chat_port = int(env.get("AICHAT_CHAT_PORT", "9001"))
+
+    subprocess.run([sys.executable, "-m", "aichat.manage", "migrate"], env=env, check=True)
+    procs: list[subprocess.Popen] = []
+    fake = None
+    has_chat = (ROOT / "functions" / "chat" / "app.py").exists()
+    try:
+        if has_chat and not (env.get("AICHAT_LLM_API_KEY") or env.get("DASHSCOPE_API_KEY")):
+            from dev.fake_llm import FakeLLM
+
+            fake = FakeLLM().start()
+            env["AICHAT_LLM_BASE_URL"] = fake.base_url
+            env["AICHAT_LLM_API_KEY"] = "local-fake-key"
+            print(f"No LLM key set: replies come from the local stand-in model at {fake.base_url}")
+        procs.append(serve("login", login_port, env))
+        wait_ready(f"http://127.0.0.1:{login_port}/health", procs[-1])
+        if has_chat:
+            procs.append(serve("chat", chat_port, env))
+            wait_ready(f"http://127.0.0.1:{chat_port}/chat/roles", procs[-1])
+        print(f"LoginService  http://127.0.0.1:{login_port}   (test account 10086 / code 1234)")
+        if has_chat:
+            print(f"ChatService   http://127.0.0.1:{chat_port}")
+        print(f"Data in {data_dir}. Ctrl-C stops everything.", flush=True)
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        while all(p.poll() is None for p in procs):
+            time.sleep(0.5)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if fake is not None:
+            fake.stop()
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    raise SystemExit(main())

@@ -1,0 +1,35 @@
+"""LoginService web function: the route table of the contract's LoginService and its thin handlers."""
+
+from aichat.accounts import Accounts
+from aichat.config import load_settings
+from aichat.sms import build_sms_provider
+from aichat.store import open_database
+from aichat.web import ApiRequest, Route, create_app
+
+settings = load_settings()
+db = open_database(settings)
+accounts = Accounts(settings, db, build_sms_provider(settings))
+
+
+def login_health(req: ApiRequest) -> dict:
+    """Liveness for FC's health check and for clients."""
+    return {"success": True, "service": "login", "message": "ok"}
+
+
+def send_code(req: ApiRequest) -> dict:
+    """Send a verification code by SMS (never for the test account)."""
+    return accounts.send_code(req.json(), client_ip=req.client_ip)
+
+
+def login(req: ApiRequest) -> dict:
+    """Exchange a verification code for an access token."""
+    return accounts.login(req.json())
+
+
+ROUTES = [
+    Route("login_health", "GET", "/health", "none", login_health),
+    Route("send_code", "POST", "/send_code", "none", send_code),
+    Route("login", "POST", "/login", "none", login),
+]
+
+app = create_app(service="login", routes=ROUTES, settings=settings, body_limit=settings.login_body_limit)

@@ -1,0 +1,1 @@
+"""Shared code of the aichat Function Compute services (deployed as a layer at /opt/python/aichat)."""

@@ -1,0 +1,245 @@
+"""Every setting the services read, in one place, built from the environment and validated at start."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+KIB = 1024
+MIB = 1024 * KIB
+
+# Dysmsapi's public endpoint; tests point the real SDK at a loopback fake instead.
+DEFAULT_SMS_ENDPOINT = "dysmsapi.aliyuncs.com"
+# DashScope's OpenAI-compatible mode is the default upstream.
+DEFAULT_LLM_BASE_URL = "https://dashscope.aliyuncs.com/compatible-mode/v1"
+
+ENVIRONMENTS = ("local", "test", "production")
+SMS_PROVIDERS = ("dysms", "console")
+MIN_PRODUCTION_SECRET_BYTES = 32
+
+
+class ConfigError(ValueError):
+    """A setting is missing or invalid; the service refuses to start."""
+
+
+@dataclass(frozen=True)
+class TestAccount:
+    """The documented test login that never sends an SMS."""
+
+    country_code: str = "86"
+    phone_number: str = "10086"
+    verify_code: str = "1234"
+
+    def matches(self, country_code: str, phone_number: str) -> bool:
+        """Whether a phone is the test account's."""
+        return country_code == self.country_code and phone_number == self.phone_number
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The whole configuration of both services; tests construct it directly."""
+
+    env: str = "local"
+    db_url: str | None = None
+    db_connect_timeout_s: float = 5.0
+    db_read_timeout_s: float = 10.0
+    jwt_secret: str = field(default="", repr=False)
+    jwt_ttl_s: int = 604_800
+    cors_origins: tuple[str, ...] = ("*",)
+    trust_proxy: bool = False
+    log_level: str = "INFO"
+    timezone: str = "Asia/Shanghai"
+
+    # LoginService
+    login_body_limit: int = 64 * KIB
+    test_account: TestAccount | None = field(default_factory=TestAccount)
+    sms_provider: str = "console"
+    sms_endpoint: str = DEFAULT_SMS_ENDPOINT
+    sms_sign_name: str = ""
+    sms_template_code: str = ""
+    sms_connect_timeout_ms: int = 3000
+    sms_read_timeout_ms: int = 5000
+    alibaba_access_key_id: str = field(default="", repr=False)
+    alibaba_access_key_secret: str = field(default="", repr=False)
+    alibaba_security_token: str = field(default="", repr=False)
+    code_ttl_s: int = 300
+    code_resend_cooldown_s: int = 60
+    code_max_per_phone_per_day: int = 10
+    code_max_per_ip_per_day: int = 50
+    code_max_attempts: int = 5
+
+    # ChatService
+    chat_body_limit: int = 16 * MIB
+    llm_base_url: str = DEFAULT_LLM_BASE_URL
+    llm_api_key: str = field(default="", repr=False)
+    llm_model: str = "qwen-plus"
+    llm_vision_model: str = "qwen-vl-plus"
+    llm_connect_timeout_s: float = 5.0
+    llm_read_timeout_s: float = 60.0
+    message_max_chars: int = 4000
+    image_max_bytes: int = 10 * MIB
+    history_budget_chars: int = 6000
+    history_max_messages: int = 40
+    roles_file: str = ""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def is_production(self) -> bool:
+        """Whether the strict production rules apply."""
+        return self.env == "production"
+
+    @property
+    def code_secret(self) -> bytes:
+        """The HMAC key for verification codes, derived so it never equals the JWT key itself."""
+        import hashlib
+        import hmac
+
+        return hmac.new(self.jwt_secret.encode(), b"aichat/verification-code", hashlib.sha256).digest()
+
+    @property
+    def tz(self) -> ZoneInfo:
+        """The time zone history timestamps are shown in."""
+        return ZoneInfo(self.timezone)
+
+    def validate(self) -> None:
+        """Refuse settings the services cannot run with."""
+        if self.env not in ENVIRONMENTS:
+            raise ConfigError(f"AICHAT_ENV must be one of {', '.join(ENVIRONMENTS)}")
+        if not self.jwt_secret:
+            raise ConfigError("AICHAT_JWT_SECRET is required (make run generates one for local use)")
+        if self.sms_provider not in SMS_PROVIDERS:
+            raise ConfigError(f"AICHAT_SMS_PROVIDER must be one of {', '.join(SMS_PROVIDERS)}")
+        if self.db_url and not self.db_url.startswith(("sqlite:///", "mysql://")):
+            raise ConfigError("AICHAT_DB_URL must start with sqlite:/// or mysql://")
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ConfigError(f"AICHAT_TIMEZONE is not a known time zone: {self.timezone}") from exc
+        for name in (
+            "jwt_ttl_s",
+            "login_body_limit",
+            "chat_body_limit",
+            "code_ttl_s",
+            "code_max_attempts",
+            "message_max_chars",
+            "image_max_bytes",
+            "history_budget_chars",
+            "history_max_messages",
+        ):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive")
+        if self.is_production:
+            if len(self.jwt_secret.encode()) < MIN_PRODUCTION_SECRET_BYTES:
+                raise ConfigError(
+                    f"AICHAT_JWT_SECRET must be at least {MIN_PRODUCTION_SECRET_BYTES} bytes in production"
+                )
+            if self.sms_provider == "console":
+                raise ConfigError("the console SMS provider is for local runs only; use dysms in production")
+            if not (self.sms_sign_name and self.sms_template_code):
+                raise ConfigError(
+                    "AICHAT_SMS_SIGN_NAME and AICHAT_SMS_TEMPLATE_CODE are required in production"
+                )
+
+
+def _flag(value: str) -> bool:
+    if value.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.strip().lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"not a boolean: {value!r}")
+
+
+def _test_account(value: str) -> TestAccount | None:
+    """Parse AICHAT_TEST_ACCOUNT: on (the documented 86/10086/1234), off, or country:phone:code."""
+    text = value.strip().lower()
+    if text in ("", "on", "true", "1"):
+        return TestAccount()
+    if text in ("off", "false", "0"):
+        return None
+    parts = value.strip().split(":")
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        raise ConfigError("AICHAT_TEST_ACCOUNT must be on, off or <country>:<phone>:<code>")
+    return TestAccount(*parts)
+
+
+# env var -> (Settings field, parser). The single list of names the code reads; template/env.example
+# documents each one and a test keeps the two in step.
+ENV_VARS: dict[str, tuple[str, object]] = {
+    "AICHAT_ENV": ("env", str),
+    "AICHAT_DB_URL": ("db_url", str),
+    "AICHAT_DB_CONNECT_TIMEOUT": ("db_connect_timeout_s", float),
+    "AICHAT_DB_READ_TIMEOUT": ("db_read_timeout_s", float),
+    "AICHAT_JWT_SECRET": ("jwt_secret", str),
+    "AICHAT_JWT_TTL": ("jwt_ttl_s", int),
+    "AICHAT_CORS_ORIGINS": ("cors_origins", lambda v: tuple(o.strip() for o in v.split(",") if o.strip())),
+    "AICHAT_TRUST_PROXY": ("trust_proxy", _flag),
+    "AICHAT_LOG_LEVEL": ("log_level", str.upper),
+    "AICHAT_TIMEZONE": ("timezone", str),
+    "AICHAT_LOGIN_BODY_LIMIT": ("login_body_limit", int),
+    "AICHAT_TEST_ACCOUNT": ("test_account", _test_account),
+    "AICHAT_SMS_PROVIDER": ("sms_provider", str.lower),
+    "AICHAT_SMS_ENDPOINT": ("sms_endpoint", str),
+    "AICHAT_SMS_SIGN_NAME": ("sms_sign_name", str),
+    "AICHAT_SMS_TEMPLATE_CODE": ("sms_template_code", str),
+    "AICHAT_SMS_CONNECT_TIMEOUT_MS": ("sms_connect_timeout_ms", int),
+    "AICHAT_SMS_READ_TIMEOUT_MS": ("sms_read_timeout_ms", int),
+    "ALIBABA_CLOUD_ACCESS_KEY_ID": ("alibaba_access_key_id", str),
+    "ALIBABA_CLOUD_ACCESS_KEY_SECRET": ("alibaba_access_key_secret", str),
+    "ALIBABA_CLOUD_SECURITY_TOKEN": ("alibaba_security_token", str),
+    "AICHAT_CODE_TTL": ("code_ttl_s", int),
+    "AICHAT_CODE_RESEND_COOLDOWN": ("code_resend_cooldown_s", int),
+    "AICHAT_CODE_MAX_PER_PHONE_PER_DAY": ("code_max_per_phone_per_day", int),
+    "AICHAT_CODE_MAX_PER_IP_PER_DAY": ("code_max_per_ip_per_day", int),
+    "AICHAT_CODE_MAX_ATTEMPTS": ("code_max_attempts", int),
+    "AICHAT_CHAT_BODY_LIMIT": ("chat_body_limit", int),
+    "AICHAT_LLM_BASE_URL": ("llm_base_url", lambda v: v.rstrip("/")),
+    "AICHAT_LLM_API_KEY": ("llm_api_key", str),
+    "AICHAT_LLM_MODEL": ("llm_model", str),
+    "AICHAT_LLM_VISION_MODEL": ("llm_vision_model", str),
+    "AICHAT_LLM_CONNECT_TIMEOUT": ("llm_connect_timeout_s", float),
+    "AICHAT_LLM_READ_TIMEOUT": ("llm_read_timeout_s", float),
+    "AICHAT_MESSAGE_MAX_CHARS": ("message_max_chars", int),
+    "AICHAT_IMAGE_MAX_BYTES": ("image_max_bytes", int),
+    "AICHAT_HISTORY_BUDGET_CHARS": ("history_budget_chars", int),
+    "AICHAT_HISTORY_MAX_MESSAGES": ("history_max_messages", int),
+    "AICHAT_ROLES_FILE": ("roles_file", str),
+}
+
+# Read by the process runner (gunicorn config / make run), not by Settings.
+RUNNER_ENV_VARS = (
+    "AICHAT_BIND",
+    "FC_SERVER_PORT",
+    "AICHAT_WORKERS",
+    "AICHAT_THREADS",
+    "AICHAT_LOGIN_PORT",
+    "AICHAT_CHAT_PORT",
+    "AICHAT_WEB_PORT",
+    "AICHAT_DATA_DIR",
+)
+# Accepted as the upstream key when AICHAT_LLM_API_KEY is unset (DashScope's own name).
+FALLBACK_KEY_VAR = "DASHSCOPE_API_KEY"
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Build Settings from environment variables, raising ConfigError on anything invalid."""
+    environ = os.environ if environ is None else environ
+    known = {f.name for f in fields(Settings)}
+    values: dict[str, object] = {}
+    for var, (name, parse) in ENV_VARS.items():
+        raw = environ.get(var)
+        if raw is None or (raw == "" and name != "test_account"):
+            continue
+        assert name in known
+        try:
+            values[name] = parse(raw)  # type: ignore[operator]
+        except ConfigError:
+            raise
+        except ValueError as exc:
+            raise ConfigError(f"{var} is not valid: {raw!r}") from exc
+    if "llm_api_key" not in values and environ.get(FALLBACK_KEY_VAR):
+        values["llm_api_key"] = environ[FALLBACK_KEY_VAR]
+    return Settings(**values)  # type: ignore[arg-type]

@@ -1,0 +1,371 @@
+"""The database: SQLite or MySQL behind one small interface, with idempotent schema migrations."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from .errors import ApiError
+
+log = logging.getLogger("aichat.store")
+
+Row = dict[str, Any]
+
+
+def now_ms() -> int:
+    """Wall-clock time in epoch milliseconds, the unit every timestamp column uses."""
+    return int(time.time() * 1000)
+
+
+# Each migration is (version, name, sqlite statements, mysql statements). Append only: a deployed
+# database has applied the earlier ones. Timestamps are epoch milliseconds (BIGINT) in both dialects.
+_MYSQL_TABLE = " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci"
+MIGRATIONS: list[tuple[int, str, list[str], list[str]]] = [
+    (
+        1,
+        "users and verification codes",
+        [
+            """CREATE TABLE IF NOT EXISTS users (
+                uid TEXT PRIMARY KEY,
+                country_code TEXT NOT NULL,
+                phone_number TEXT NOT NULL,
+                created_at INTEGER NOT NULL,
+                UNIQUE (country_code, phone_number))""",
+            """CREATE TABLE IF NOT EXISTS verification_codes (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                country_code TEXT NOT NULL,
+                phone_number TEXT NOT NULL,
+                code_hash TEXT NOT NULL,
+                status TEXT NOT NULL,
+                attempts INTEGER NOT NULL DEFAULT 0,
+                client_ip TEXT NOT NULL,
+                source_ip TEXT,
+                provider_request_id TEXT,
+                created_at INTEGER NOT NULL,
+                expires_at INTEGER NOT NULL)""",
+            "CREATE INDEX IF NOT EXISTS ix_codes_phone ON verification_codes"
+            " (phone_number, country_code, id)",
+            "CREATE INDEX IF NOT EXISTS ix_codes_ip ON verification_codes (client_ip, created_at)",
+            """CREATE TABLE IF NOT EXISTS send_cooldowns (
+                phone_key TEXT PRIMARY KEY,
+                until_ms INTEGER NOT NULL)""",
+        ],
+        [
+            """CREATE TABLE IF NOT EXISTS users (
+                uid CHAR(24) NOT NULL PRIMARY KEY,
+                country_code VARCHAR(4) NOT NULL,
+                phone_number VARCHAR(15) NOT NULL,
+                created_at BIGINT NOT NULL,
+                UNIQUE KEY uq_users_phone (country_code, phone_number))"""
+            + _MYSQL_TABLE,
+            """CREATE TABLE IF NOT EXISTS verification_codes (
+                id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+                country_code VARCHAR(4) NOT NULL,
+                phone_number VARCHAR(15) NOT NULL,
+                code_hash CHAR(64) NOT NULL,
+                status VARCHAR(16) NOT NULL,
+                attempts INT NOT NULL DEFAULT 0,
+                client_ip VARCHAR(64) NOT NULL,
+                source_ip VARCHAR(64) NULL,
+                provider_request_id VARCHAR(128) NULL,
+                created_at BIGINT NOT NULL,
+                expires_at BIGINT NOT NULL,
+                KEY ix_codes_phone (phone_number, country_code, id),
+                KEY ix_codes_ip (client_ip, created_at))"""
+            + _MYSQL_TABLE,
+            """CREATE TABLE IF NOT EXISTS send_cooldowns (
+                phone_key VARCHAR(24) NOT NULL PRIMARY KEY,
+                until_ms BIGINT NOT NULL)"""
+            + _MYSQL_TABLE,
+        ],
+    ),
+]
+
+
+class Tx:
+    """A cursor inside one transaction; SQL is written with `?` placeholders for both dialects."""
+
+    def __init__(self, conn: Any, dialect: str) -> None:
+        self._conn = conn
+        self.dialect = dialect
+
+    def _sql(self, sql: str) -> str:
+        # Our SQL never contains a literal ? or %, so the placeholder swap is safe.
+        return sql.replace("?", "%s") if self.dialect == "mysql" else sql
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Run a statement and return the number of rows it changed."""
+        cur = self._conn.cursor()
+        try:
+            cur.execute(self._sql(sql), tuple(params))
+            return cur.rowcount
+        finally:
+            cur.close()
+
+    def insert(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Run an INSERT and return the new row's id."""
+        cur = self._conn.cursor()
+        try:
+            cur.execute(self._sql(sql), tuple(params))
+            return int(cur.lastrowid)
+        finally:
+            cur.close()
+
+    def all(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        """Run a query and return every row as a dict."""
+        cur = self._conn.cursor()
+        try:
+            cur.execute(self._sql(sql), tuple(params))
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+        finally:
+            cur.close()
+
+    def one(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
+        """Run a query and return its first row, or None."""
+        rows = self.all(sql, params)
+        return rows[0] if rows else None
+
+    @property
+    def for_update(self) -> str:
+        """The row-lock suffix for a SELECT (SQLite locks the whole file on BEGIN IMMEDIATE instead)."""
+        return " FOR UPDATE" if self.dialect == "mysql" else ""
+
+
+def is_duplicate_key(exc: BaseException) -> bool:
+    """Whether a driver error is a unique-key violation."""
+    if isinstance(exc, sqlite3.IntegrityError):
+        return "UNIQUE" in str(exc)
+    return getattr(exc, "args", (None,))[0] == 1062  # MySQL ER_DUP_ENTRY
+
+
+class Database:
+    """A lazily connected database; one reused connection per thread, so warm invocations skip connecting."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        connect_timeout_s: float = 5.0,
+        read_timeout_s: float = 10.0,
+        auto_migrate: bool = True,
+    ) -> None:
+        self.url = url
+        # Migrating on first use means a fresh database, or one that was down at start, needs no extra step.
+        self._schema_ready = not auto_migrate
+        self._schema_lock = threading.Lock()
+        self.dialect = "mysql" if url.startswith("mysql://") else "sqlite"
+        self._connect_timeout_s = connect_timeout_s
+        self._read_timeout_s = read_timeout_s
+        self._local = threading.local()
+        self._all: list[Any] = []
+        self._all_lock = threading.Lock()
+        if self.dialect == "sqlite":
+            self._path = url[len("sqlite:///") :]
+            if self._path != ":memory:":
+                Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+
+    # -- connections -------------------------------------------------------------------------------
+    def _connect(self) -> Any:
+        if self.dialect == "sqlite":
+            conn = sqlite3.connect(
+                self._path, timeout=self._connect_timeout_s, isolation_level=None, check_same_thread=False
+            )
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            return conn
+        import pymysql  # imported here: SQLite-only runs never pay for it
+
+        parts = urlsplit(self.url)
+        return pymysql.connect(
+            host=parts.hostname or "127.0.0.1",
+            port=parts.port or 3306,
+            user=unquote(parts.username or "root"),
+            password=unquote(parts.password or ""),
+            database=parts.path.lstrip("/") or None,
+            charset="utf8mb4",
+            autocommit=True,
+            connect_timeout=self._connect_timeout_s,
+            read_timeout=self._read_timeout_s,
+            write_timeout=self._read_timeout_s,
+        )
+
+    def _connection(self) -> Any:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            self._local.conn = conn
+            with self._all_lock:
+                self._all.append(conn)
+        elif self.dialect == "mysql":
+            # A warm instance may hold a connection the server has since dropped: check and reconnect.
+            conn.ping(reconnect=True)
+        return conn
+
+    def _discard(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None:
+            with self._all_lock:
+                if conn in self._all:
+                    self._all.remove(conn)
+            try:
+                conn.close()
+            except Exception:
+                log.debug("closing a broken connection failed", exc_info=True)
+
+    def close(self) -> None:
+        """Close every connection this process opened (FC preStop, tests)."""
+        with self._all_lock:
+            conns, self._all = self._all, []
+        for conn in conns:
+            try:
+                conn.close()
+            except Exception:
+                log.debug("close failed", exc_info=True)
+        self._local = threading.local()
+
+    def warm(self) -> None:
+        """Open this thread's connection now rather than on the first request."""
+        with self.tx() as tx:
+            tx.one("SELECT 1 AS ok")
+
+    # -- transactions ------------------------------------------------------------------------------
+    def tx(self) -> Any:
+        """One transaction: committed when the block ends, rolled back if it raises.
+
+        Driver failures become ApiError("DatabaseError"); the broken connection is dropped so the
+        next request reconnects.
+        """
+        if not self._schema_ready:
+            with self._schema_lock:
+                if not self._schema_ready:
+                    self.migrate()
+                    self._schema_ready = True
+        return self._tx()
+
+    @contextmanager
+    def _tx(self) -> Iterator[Tx]:
+        try:
+            conn = self._connection()
+            conn.execute("BEGIN IMMEDIATE") if self.dialect == "sqlite" else conn.begin()
+        except Exception as exc:
+            self._discard()
+            log.error("database unavailable", extra={"error": type(exc).__name__})
+            raise ApiError("DatabaseError") from exc
+        try:
+            yield Tx(conn, self.dialect)
+        except ApiError:
+            self._rollback(conn)
+            raise
+        except Exception as exc:
+            self._rollback(conn)
+            if _is_driver_error(exc):
+                log.error("database error", extra={"error": type(exc).__name__, "detail": str(exc)[:200]})
+                if self.dialect == "mysql":
+                    self._discard()
+                raise ApiError("DatabaseError") from exc
+            raise
+        else:
+            try:
+                conn.execute("COMMIT") if self.dialect == "sqlite" else conn.commit()
+            except Exception as exc:
+                self._rollback(conn)
+                self._discard()
+                log.error("commit failed", extra={"error": type(exc).__name__})
+                raise ApiError("DatabaseError") from exc
+
+    def _rollback(self, conn: Any) -> None:
+        try:
+            conn.execute("ROLLBACK") if self.dialect == "sqlite" else conn.rollback()
+        except Exception:
+            self._discard()
+
+    # -- schema ------------------------------------------------------------------------------------
+    def migrate(self) -> list[int]:
+        """Apply the migrations this database lacks, in order; safe to run any number of times."""
+        applied: list[int] = []
+        with self._tx() as tx:
+            tx.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name "
+                + ("TEXT" if self.dialect == "sqlite" else "VARCHAR(200)")
+                + " NOT NULL, applied_at BIGINT NOT NULL)"
+            )
+        for version, name, sqlite_sql, mysql_sql in MIGRATIONS:
+            with self._tx() as tx:
+                if self.dialect == "mysql":
+                    # Serialise concurrent migrators (several instances starting at once).
+                    tx.one("SELECT GET_LOCK('aichat_migrate', 30) AS got")
+                try:
+                    if tx.one("SELECT version FROM schema_migrations WHERE version = ?", (version,)):
+                        continue
+                    for statement in sqlite_sql if self.dialect == "sqlite" else mysql_sql:
+                        tx.execute(statement)
+                    tx.execute(
+                        "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                        (version, name, now_ms()),
+                    )
+                    applied.append(version)
+                finally:
+                    if self.dialect == "mysql":
+                        tx.one("SELECT RELEASE_LOCK('aichat_migrate') AS released")
+        if applied:
+            log.info("migrations applied", extra={"versions": applied})
+        return applied
+
+
+def _is_driver_error(exc: BaseException) -> bool:
+    if isinstance(exc, sqlite3.Error):
+        return True
+    module = type(exc).__module__ or ""
+    return module.startswith("pymysql") or isinstance(exc, (OSError, ConnectionError))
+
+
+def ddl(dialect: str) -> str:
+    """The whole schema as one SQL script, for operators who create tables by hand."""
+    lines = [f"-- aichat schema ({dialect}); generated from aichat.store.MIGRATIONS by `make schema`."]
+    for version, name, sqlite_sql, mysql_sql in MIGRATIONS:
+        lines.append(f"\n-- migration {version}: {name}")
+        for statement in sqlite_sql if dialect == "sqlite" else mysql_sql:
+            lines.append(" ".join(statement.split()) + ";")
+    return "\n".join(lines) + "\n"
+
+
+class UnconfiguredDatabase:
+    """Stands in when no AICHAT_DB_URL is set: every use answers 500 MissingDatabaseConfig."""
+
+    dialect = "none"
+
+    def tx(self) -> Any:
+        """Refuse: there is no database to talk to."""
+        raise ApiError("MissingDatabaseConfig")
+
+    def migrate(self) -> list[int]:
+        """Refuse: there is no database to migrate."""
+        raise ApiError("MissingDatabaseConfig")
+
+    def warm(self) -> None:
+        """Nothing to warm."""
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
+def open_database(settings: Any) -> Database | UnconfiguredDatabase:
+    """The database the settings name (connected lazily), or a stand-in that reports the missing config."""
+    if not settings.db_url:
+        log.error("AICHAT_DB_URL is not set; database operations answer MissingDatabaseConfig")
+        return UnconfiguredDatabase()
+    return Database(
+        settings.db_url,
+        connect_timeout_s=settings.db_connect_timeout_s,
+        read_timeout_s=settings.db_read_timeout_s,
+    )

@@ -1,0 +1,231 @@
+"""Flask glue shared by both services: route tables, JSON in and out, errors, CORS, request ids, client IP."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Flask, Response, g, request
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound, RequestEntityTooLarge
+
+from .auth import bearer_token, verify_token
+from .config import Settings
+from .errors import ApiError
+from .logs import configure_logging, request_id_var
+
+log = logging.getLogger("aichat.web")
+access_log = logging.getLogger("aichat.access")
+
+JSON_CONTENT_TYPE = "application/json; charset=utf-8"
+PREFLIGHT_MAX_AGE_S = 86_400
+
+
+@dataclass(frozen=True)
+class Route:
+    """One contract operation: its operation_id, method, path, auth and the handler that serves it."""
+
+    operation_id: str
+    method: str
+    path: str
+    auth: str  # "none" or "bearer_jwt", as in the contract's catalog
+    handler: Callable[[ApiRequest], Any]
+    response_type: str = "json"
+
+
+def json_response(body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """A UTF-8 JSON response with readable Chinese (no \\u escapes)."""
+    text = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+    return Response(text, status=status, headers=headers, content_type=JSON_CONTENT_TYPE)
+
+
+def error_response(error: ApiError) -> Response:
+    """The contract's error JSON for an ApiError, with Retry-After when it carries one."""
+    headers = {"Retry-After": str(error.retry_after)} if error.retry_after is not None else None
+    return json_response(error.body(), error.status, headers)
+
+
+class ApiRequest:
+    """What a handler needs from the HTTP request: the JSON body, query, caller and user."""
+
+    def __init__(self, settings: Settings, route: Route) -> None:
+        self.settings = settings
+        self.route = route
+        self.request_id: str = g.request_id
+        self.client_ip: str = client_ip(settings)
+        self.uid: str | None = g.get("uid")
+
+    def json(self) -> dict[str, Any]:
+        """The body as a JSON object, or 400 InvalidInput if it is not one."""
+        raw = request.get_data(cache=True)  # over the size cap this raises 413 (RequestEntityTooLarge)
+        try:
+            body = json.loads(raw.decode("utf-8")) if raw else None
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise ApiError("InvalidInput", "请求体不是合法的 JSON") from exc
+        if not isinstance(body, dict):
+            raise ApiError("InvalidInput", "请求体必须是 JSON 对象")
+        return body
+
+    @property
+    def args(self) -> Any:
+        """The query string parameters."""
+        return request.args
+
+    def user_uid(self) -> str:
+        """The authenticated user's uid (only on bearer_jwt routes)."""
+        assert self.uid is not None, "user_uid() on a route without auth"
+        return self.uid
+
+
+def client_ip(settings: Settings) -> str:
+    """The caller's IP: the first X-Forwarded-For entry behind a trusted proxy (FC), else the socket peer."""
+    if settings.trust_proxy:
+        forwarded = request.headers.get("X-Forwarded-For", "")
+        first = forwarded.split(",")[0].strip()
+        try:
+            return str(ipaddress.ip_address(first))
+        except ValueError:
+            pass
+    return request.remote_addr or "0.0.0.0"
+
+
+def create_app(
+    *,
+    service: str,
+    routes: Sequence[Route],
+    settings: Settings,
+    body_limit: int,
+    user_exists: Callable[[str], bool] | None = None,
+) -> Flask:
+    """Build a service's Flask app from its route table; this is the only place requests are routed."""
+    configure_logging(settings.log_level)
+    app = Flask(f"aichat.{service}")
+    app.config["MAX_CONTENT_LENGTH"] = body_limit
+    app.extensions["aichat_routes"] = list(routes)
+    by_operation = {route.operation_id: route for route in routes}
+
+    for route in routes:
+        app.add_url_rule(
+            route.path,
+            endpoint=route.operation_id,
+            view_func=_view(route, settings, user_exists),
+            methods=[route.method],
+            provide_automatic_options=False,
+        )
+
+    @app.before_request
+    def _start() -> Response | None:
+        g.started = time.perf_counter()
+        g.request_id = request.headers.get("x-fc-request-id") or uuid.uuid4().hex
+        request_id_var.set(g.request_id)
+        known_path = request.url_rule is not None or isinstance(request.routing_exception, MethodNotAllowed)
+        if request.method == "OPTIONS" and known_path:
+            return Response(status=204)  # CORS preflight; headers are added below
+        if request.content_length is not None and request.content_length > body_limit:
+            raise RequestEntityTooLarge()
+        return None
+
+    @app.after_request
+    def _finish(response: Response) -> Response:
+        _add_cors_headers(response, settings)
+        response.headers["X-Request-Id"] = g.get("request_id", "-")
+        route = by_operation.get(request.endpoint or "")
+        if route is None or route.response_type == "json" or response.status_code != 200:
+            _log_access(response.status_code, route)
+        return response
+
+    @app.errorhandler(ApiError)
+    def _api_error(error: ApiError) -> Response:
+        return error_response(error)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(error: HTTPException) -> Response:
+        if isinstance(error, NotFound):
+            return error_response(ApiError("NotFound"))
+        if isinstance(error, MethodNotAllowed):
+            response = error_response(ApiError("MethodNotAllowed"))
+            response.headers["Allow"] = ", ".join(sorted(set(error.valid_methods or ()) | {"OPTIONS"}))
+            return response
+        if isinstance(error, RequestEntityTooLarge):
+            return error_response(ApiError("PayloadTooLarge", f"请求体超过 {body_limit} 字节上限"))
+        if error.code and 400 <= error.code < 500:
+            return error_response(ApiError("InvalidInput", status=error.code))
+        return error_response(ApiError("InternalError"))
+
+    @app.errorhandler(Exception)
+    def _unexpected(error: Exception) -> Response:
+        # Details go to the log with the request id; the client gets a generic message only.
+        log.exception("unhandled error", extra={"operation_id": request.endpoint})
+        return error_response(ApiError("InternalError"))
+
+    return app
+
+
+def _view(route: Route, settings: Settings, user_exists: Callable[[str], bool] | None) -> Callable[[], Any]:
+    def view() -> Any:
+        if route.auth == "bearer_jwt":
+            claims = verify_token(
+                bearer_token(request.headers.get("Authorization")), secret=settings.jwt_secret
+            )
+            if user_exists is not None and not user_exists(claims["sub"]):
+                raise ApiError("Unauthorized")
+            g.uid = claims["sub"]
+        result = route.handler(ApiRequest(settings, route))
+        if isinstance(result, Response):
+            return result
+        return json_response(result)
+
+    view.__name__ = route.operation_id
+    return view
+
+
+def _add_cors_headers(response: Response, settings: Settings) -> None:
+    origin = request.headers.get("Origin")
+    if "*" in settings.cors_origins:
+        response.headers["Access-Control-Allow-Origin"] = "*"
+    elif origin and origin in settings.cors_origins:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers.add("Vary", "Origin")
+    else:
+        return
+    response.headers["Access-Control-Expose-Headers"] = "Retry-After, X-Request-Id"
+    if request.method == "OPTIONS":
+        response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+        response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
+        response.headers["Access-Control-Max-Age"] = str(PREFLIGHT_MAX_AGE_S)
+
+
+def _log_access(status: int, route: Route | None, **extra: Any) -> None:
+    started = g.get("started")
+    access_log.info(
+        "request",
+        extra={
+            "method": request.method,
+            "path": request.path,
+            "operation_id": route.operation_id if route else None,
+            "uid": g.get("uid"),
+            "status": status,
+            "latency_ms": round((time.perf_counter() - started) * 1000, 1) if started else None,
+            **extra,
+        },
+    )
+
+
+def log_stream_end(operation_id: str, uid: str | None, started: float, **extra: Any) -> None:
+    """The access-log line of a streamed response, written when its stream ends."""
+    access_log.info(
+        "request",
+        extra={
+            "method": "POST",
+            "operation_id": operation_id,
+            "uid": uid,
+            "status": 200,
+            "latency_ms": round((time.perf_counter() - started) * 1000, 1),
+            **extra,
+        },
+    )

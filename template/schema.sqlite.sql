@@ -1,0 +1,8 @@
+-- aichat schema (sqlite); generated from aichat.store.MIGRATIONS by `make schema`.
+
+-- migration 1: users and verification codes
+CREATE TABLE IF NOT EXISTS users ( uid TEXT PRIMARY KEY, country_code TEXT NOT NULL, phone_number TEXT NOT NULL, created_at INTEGER NOT NULL, UNIQUE (country_code, phone_number));
+CREATE TABLE IF NOT EXISTS verification_codes ( id INTEGER PRIMARY KEY AUTOINCREMENT, country_code TEXT NOT NULL, phone_number TEXT NOT NULL, code_hash TEXT NOT NULL, status TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, client_ip TEXT NOT NULL, source_ip TEXT, provider_request_id TEXT, created_at INTEGER NOT NULL, expires_at INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS ix_codes_phone ON verification_codes (phone_number, country_code, id);
+CREATE INDEX IF NOT EXISTS ix_codes_ip ON verification_codes (client_ip, created_at);
+CREATE TABLE IF NOT EXISTS send_cooldowns ( phone_key TEXT PRIMARY KEY, until_ms INTEGER NOT NULL);

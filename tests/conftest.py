@@ -1,0 +1,119 @@
+"""Shared fixtures: a database per backend (SQLite always, MySQL when configured), fakes and servers."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+
+from dev.fake_dysms import FakeDysms
+from tests.servers import Client, ServerProcess, base_env
+
+MYSQL_URL = os.environ.get("AICHAT_TEST_MYSQL_URL", "")
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """In CI the MySQL suite is required: refuse to run without it rather than skip it silently."""
+    if IN_CI and not MYSQL_URL:
+        raise pytest.UsageError("CI=true but AICHAT_TEST_MYSQL_URL is not set: the MySQL suite is required")
+
+
+BACKENDS = ["sqlite", pytest.param("mysql", marks=pytest.mark.mysql)]
+
+
+@pytest.fixture(scope="session")
+def mysql_server_url() -> Iterator[str]:
+    """A fresh MySQL database for this test session, dropped afterwards."""
+    if not MYSQL_URL:
+        pytest.skip("AICHAT_TEST_MYSQL_URL is not set")
+    import pymysql
+
+    parts = urlsplit(MYSQL_URL)
+    name = f"aichat_test_{uuid.uuid4().hex[:10]}"
+    try:
+        conn = pymysql.connect(
+            host=parts.hostname,
+            port=parts.port or 3306,
+            user=parts.username or "root",
+            password=parts.password or "",
+            connect_timeout=5,
+        )
+    except pymysql.MySQLError as exc:
+        if IN_CI:
+            pytest.fail(f"MySQL at {parts.hostname}:{parts.port} is unreachable: {exc}")
+        pytest.skip(f"MySQL unreachable: {exc}")
+    with conn.cursor() as cur:
+        cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci")
+    try:
+        yield urlunsplit((parts.scheme, parts.netloc, f"/{name}", "", ""))
+    finally:
+        with conn.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+        conn.close()
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The database URL of one backend; every server of the session on that backend shares it."""
+    if request.param == "mysql":
+        return request.getfixturevalue("mysql_server_url")
+    return f"sqlite:///{tmp_path_factory.mktemp('db') / 'aichat.db'}"
+
+
+@pytest.fixture(scope="session")
+def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A SQLite database for tests whose behaviour does not depend on the backend."""
+    return f"sqlite:///{tmp_path_factory.mktemp('db1') / 'aichat.db'}"
+
+
+@pytest.fixture(scope="session")
+def fake_dysms() -> Iterator[FakeDysms]:
+    """The fake Dysmsapi endpoint the real Alibaba SDK talks to."""
+    fake = FakeDysms().start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture(scope="session")
+def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., ServerProcess]]:
+    """Start a service process with environment overrides; all are stopped at the end of the session."""
+    started: list[ServerProcess] = []
+    log_dir = tmp_path_factory.mktemp("logs")
+
+    def start(function: str, **env: object) -> ServerProcess:
+        server = ServerProcess(function, base_env(**env), log_dir)
+        started.append(server)
+        return server.wait_ready("/health" if function == "login" else "/chat/roles")
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def dysms_env(fake: FakeDysms) -> dict[str, object]:
+    """Settings that send SMS through the real SDK to the fake Dysmsapi."""
+    return {
+        "AICHAT_SMS_PROVIDER": "dysms",
+        "AICHAT_SMS_ENDPOINT": fake.endpoint,
+        "AICHAT_SMS_SIGN_NAME": "奶糖测试",
+        "AICHAT_SMS_TEMPLATE_CODE": "SMS_000000001",
+        "ALIBABA_CLOUD_ACCESS_KEY_ID": "test-key-id",
+        "ALIBABA_CLOUD_ACCESS_KEY_SECRET": "test-key-secret",
+        "AICHAT_SMS_READ_TIMEOUT_MS": "1000",
+    }
+
+
+@pytest.fixture(scope="session")
+def login_server(start_server, db_url, fake_dysms) -> ServerProcess:
+    """LoginService on the backend under test, sending SMS to the fake Dysmsapi."""
+    return start_server("login", AICHAT_DB_URL=db_url, **dysms_env(fake_dysms))
+
+
+@pytest.fixture
+def login(login_server) -> Client:
+    """A fresh caller (its own IP) of LoginService."""
+    return Client(login_server.base_url)

@@ -1,0 +1,135 @@
+"""Real server processes for black-box tests: each FC function under gunicorn on a loopback port."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+LAYER = ROOT / "layers" / "common" / "python"
+TEST_SECRET = "test-secret-" + "x" * 40
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def base_env(**overrides: Any) -> dict[str, str]:
+    """A minimal, hermetic environment for a service process."""
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("AICHAT_", "ALIBABA_CLOUD_", "DASHSCOPE_"))
+    }
+    env.update(
+        {
+            "AICHAT_ENV": "test",
+            "AICHAT_JWT_SECRET": TEST_SECRET,
+            "AICHAT_SMS_PROVIDER": "console",
+            "AICHAT_TRUST_PROXY": "1",
+            "AICHAT_THREADS": "16",
+            "PYTHONPATH": str(LAYER),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update({k: str(v) for k, v in overrides.items() if v is not None})
+    for key in [k for k, v in overrides.items() if v is None]:
+        env.pop(key, None)
+    return env
+
+
+class ServerProcess:
+    """One service (login or chat) running under gunicorn, with its log captured to a file."""
+
+    def __init__(self, function: str, env: dict[str, str], log_dir: Path) -> None:
+        self.function = function
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_dir / f"{function}-{self.port}.log"
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", "python:aichat.gunicorn_conf", "app:app"],
+            cwd=ROOT / "functions" / function,
+            env={**env, "AICHAT_BIND": f"127.0.0.1:{self.port}"},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, path: str, timeout_s: float = 20) -> ServerProcess:
+        """Block until the server answers `path`; fail with its log if it dies first."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.function} exited {self.proc.returncode}:\n{self.log()}")
+            try:
+                requests.get(self.base_url + path, timeout=1)
+                return self
+            except requests.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError(f"{self.function} not ready after {timeout_s} s:\n{self.log()}")
+
+    def log(self) -> str:
+        """Everything the server has logged so far."""
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        """Stop the server and wait for it."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+class Client:
+    """requests against one server, as one caller (its own X-Forwarded-For address)."""
+
+    def __init__(self, base_url: str, *, ip: str | None = None, token: str | None = None) -> None:
+        self.base_url = base_url
+        self.ip = ip or random_ip()
+        self.token = token
+
+    def headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        """Default headers: the caller's address and, once logged in, the bearer token."""
+        headers = {"X-Forwarded-For": self.ip}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        headers.update(extra or {})
+        return headers
+
+    def get(self, path: str, **kw: Any) -> requests.Response:
+        """GET a path."""
+        return requests.get(
+            self.base_url + path, headers=self.headers(kw.pop("headers", None)), timeout=30, **kw
+        )
+
+    def post(self, path: str, body: Any = None, **kw: Any) -> requests.Response:
+        """POST a JSON body (or raw `data=`) to a path."""
+        headers = self.headers(kw.pop("headers", None))
+        if "data" not in kw:
+            kw["json"] = body
+        return requests.post(self.base_url + path, headers=headers, timeout=30, **kw)
+
+
+def random_phone() -> str:
+    """A syntactically valid mainland mobile number that is unique enough for one test."""
+    return "19" + str(uuid.uuid4().int)[:9]
+
+
+def random_ip() -> str:
+    """A documentation-range (TEST-NET) address unique enough for one test."""
+    n = uuid.uuid4().int
+    return f"198.{18 + n % 2}.{(n >> 8) % 256}.{(n >> 16) % 254 + 1}"
