@@ -119,9 +119,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             template_param = json.loads(params.get("TemplateParam") or "{}")
         except ValueError:
-            self._reply(
-                200, {"RequestId": request_id, "Code": "isv.INVALID_JSON_PARAM", "Message": "JSON参数不合法"}
-            )
+            self._reply(200, {"RequestId": request_id, "Code": "isv.INVALID_JSON_PARAM", "Message": "JSON参数不合法"})
             return
         message = {
             "phone_numbers": params["PhoneNumbers"],

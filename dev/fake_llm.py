@@ -56,9 +56,7 @@ def validate_script(script: Any) -> dict[str, Any]:
             raise ValueError(f"{key} must be a non-negative int")
     for key in _FLOAT_KEYS:
         value = script.get(key)
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0
-        ):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
             raise ValueError(f"{key} must be a non-negative number")
     for key in ("text", "reasoning"):
         if script.get(key) is not None and not isinstance(script[key], str):
@@ -259,9 +257,7 @@ class _Handler(BaseHTTPRequestHandler):
             if status != 200:
                 self._send_scripted_error(status, script.get("body"))
             elif body is None:
-                self._send_json(
-                    400, _error_body("request body is not a JSON object", "invalid_request_error")
-                )
+                self._send_json(400, _error_body("request body is not a JSON object", "invalid_request_error"))
             elif body.get("stream"):
                 self._stream(body, script)
             else:
@@ -382,9 +378,7 @@ class _Handler(BaseHTTPRequestHandler):
             frame = {**base, "choices": choices, **extra, "x_sent_at": time.time()}
             self._send_chunk(f"data: {_dumps(frame)}\n\n".encode())
 
-        frames: list[tuple[dict[str, Any], str | None]] = [
-            ({"reasoning_content": p}, None) for p in reasoning
-        ]
+        frames: list[tuple[dict[str, Any], str | None]] = [({"reasoning_content": p}, None) for p in reasoning]
         frames += [({"content": p}, None) for p in content]
         if content:
             frames[-1] = (frames[-1][0], "stop")

@@ -20,6 +20,7 @@ def local_environment(data_dir: Path) -> dict[str, str]:
     env.setdefault("AICHAT_ENV", "local")
     env.setdefault("AICHAT_SMS_PROVIDER", "console")
     env.setdefault("AICHAT_DB_URL", f"sqlite:///{data_dir / 'aichat.db'}")
+    env.setdefault("AICHAT_ROLES_FILE", str(ROOT / "template" / "roles.json"))
     if not env.get("AICHAT_JWT_SECRET"):
         # Both services must share one secret, and tokens should survive a restart: persist it.
         secret_file = data_dir / "jwt_secret"

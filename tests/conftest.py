@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
 from dev.fake_dysms import FakeDysms
-from tests.servers import Client, ServerProcess, base_env
+from dev.fake_llm import FakeLLM
+from tests.servers import Client, ServerProcess, base_env, random_phone
 
 MYSQL_URL = os.environ.get("AICHAT_TEST_MYSQL_URL", "")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -117,3 +119,60 @@ def login_server(start_server, db_url, fake_dysms) -> ServerProcess:
 def login(login_server) -> Client:
     """A fresh caller (its own IP) of LoginService."""
     return Client(login_server.base_url)
+
+
+ROLES_FILE = str(Path(__file__).resolve().parent.parent / "template" / "roles.json")
+
+
+@pytest.fixture(scope="session")
+def fake_llm_server() -> Iterator[FakeLLM]:
+    """The fake OpenAI-compatible upstream every chat server of the session talks to."""
+    fake = FakeLLM(delay=0.002).start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def fake_llm(fake_llm_server: FakeLLM) -> FakeLLM:
+    """The fake upstream with no scripts queued and no requests recorded."""
+    fake_llm_server.reset()
+    return fake_llm_server
+
+
+def chat_env(fake: FakeLLM, db_url: str, **overrides: object) -> dict[str, object]:
+    """Settings for a ChatService that relays to the fake upstream."""
+    return {
+        "AICHAT_DB_URL": db_url,
+        "AICHAT_LLM_BASE_URL": fake.base_url,
+        "AICHAT_LLM_API_KEY": "test-llm-key",
+        "AICHAT_ROLES_FILE": ROLES_FILE,
+        "AICHAT_LLM_READ_TIMEOUT": "5",
+        **overrides,
+    }
+
+
+@pytest.fixture(scope="session")
+def chat_server(start_server, db_url, fake_llm_server) -> ServerProcess:
+    """ChatService on the backend under test."""
+    return start_server("chat", **chat_env(fake_llm_server, db_url))
+
+
+@pytest.fixture
+def new_user(login_server, fake_dysms) -> Callable[[], tuple[str, str]]:
+    """Log a brand-new user in through LoginService; returns (uid, token)."""
+
+    def make() -> tuple[str, str]:
+        client = Client(login_server.base_url)
+        phone = random_phone()
+        assert client.post("/send_code", {"phone_number": phone}).status_code == 200
+        body = client.post("/login", {"phone_number": phone, "verify_code": fake_dysms.last_code(phone)}).json()
+        return body["user"]["uid"], body["access_token"]
+
+    return make
+
+
+@pytest.fixture
+def user(chat_server, new_user) -> Client:
+    """A fresh logged-in user talking to ChatService."""
+    _, token = new_user()
+    return Client(chat_server.base_url, token=token)

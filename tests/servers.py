@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +29,7 @@ def free_port() -> int:
 
 def base_env(**overrides: Any) -> dict[str, str]:
     """A minimal, hermetic environment for a service process."""
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("AICHAT_", "ALIBABA_CLOUD_", "DASHSCOPE_"))
-    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AICHAT_", "ALIBABA_CLOUD_", "DASHSCOPE_"))}
     env.update(
         {
             "AICHAT_ENV": "test",
@@ -112,9 +112,7 @@ class Client:
 
     def get(self, path: str, **kw: Any) -> requests.Response:
         """GET a path."""
-        return requests.get(
-            self.base_url + path, headers=self.headers(kw.pop("headers", None)), timeout=30, **kw
-        )
+        return requests.get(self.base_url + path, headers=self.headers(kw.pop("headers", None)), timeout=30, **kw)
 
     def post(self, path: str, body: Any = None, **kw: Any) -> requests.Response:
         """POST a JSON body (or raw `data=`) to a path."""
@@ -133,3 +131,31 @@ def random_ip() -> str:
     """A documentation-range (TEST-NET) address unique enough for one test."""
     n = uuid.uuid4().int
     return f"198.{18 + n % 2}.{(n >> 8) % 256}.{(n >> 16) % 254 + 1}"
+
+
+def sse_events(response: requests.Response) -> Iterator[tuple[float, str]]:
+    """Yield (arrival time, payload) for each `data:` event the moment its bytes arrive."""
+    buffer = b""
+    for chunk in response.iter_content(chunk_size=None):
+        buffer += chunk
+        while b"\n\n" in buffer:
+            event, buffer = buffer.split(b"\n\n", 1)
+            for line in event.split(b"\n"):
+                if line.startswith(b"data: "):
+                    yield time.monotonic(), line[6:].decode("utf-8")
+
+
+def read_stream(response: requests.Response) -> list[str]:
+    """Every payload of an SSE response, [DONE] included."""
+    return [payload for _, payload in sse_events(response)]
+
+
+def frame_text(payloads: list[str]) -> str:
+    """The reply text carried by a list of payloads (choices[0].delta.content, as clients read it)."""
+    text = ""
+    for payload in payloads:
+        if payload == "[DONE]":
+            continue
+        for choice in json.loads(payload).get("choices") or []:
+            text += (choice.get("delta") or {}).get("content") or ""
+    return text

@@ -152,9 +152,7 @@ def test_vision_non_stream_reply(fake: FakeLLM, http: requests.Session) -> None:
 
 def test_scripted_401(fake: FakeLLM, http: requests.Session) -> None:
     """A status script returns that status and scripted JSON body; the next request gets the default."""
-    error = {
-        "error": {"message": "Invalid API key", "type": "invalid_request_error", "code": "invalid_api_key"}
-    }
+    error = {"error": {"message": "Invalid API key", "type": "invalid_request_error", "code": "invalid_api_key"}}
     fake.enqueue(status=401, body=error)
     with _chat(http, fake.base_url) as resp:
         assert resp.status_code == 401 and resp.json() == error
@@ -213,9 +211,9 @@ def test_http_control_endpoints(fake: FakeLLM, http: requests.Session) -> None:
         assert resp.status_code == 200
 
 
-def _conn_threads() -> list[threading.Thread]:
-    """Return the live connection-handler threads of any fake."""
-    return [t for t in threading.enumerate() if t.name.startswith("fake-llm")]
+def _conn_threads(exclude: set[threading.Thread] = frozenset()) -> list[threading.Thread]:
+    """Return the live threads of fakes, except those in `exclude` (e.g. a session-wide fake's)."""
+    return [t for t in threading.enumerate() if t.name.startswith("fake-llm") and t not in exclude]
 
 
 def test_hang_ends_when_client_leaves(fake: FakeLLM, http: requests.Session) -> None:
@@ -232,6 +230,7 @@ def test_hang_ends_when_client_leaves(fake: FakeLLM, http: requests.Session) -> 
 
 def test_stop_is_prompt_during_hang(http: requests.Session) -> None:
     """stop() returns quickly with a hang_after stream open, drops that stream and leaves no threads."""
+    before = set(threading.enumerate())
     server = FakeLLM(delay=0.0).start()
     server.enqueue(chunks=["a", "b"], hang_after=1)
     with _chat(http, server.base_url) as resp:
@@ -242,7 +241,7 @@ def test_stop_is_prompt_during_hang(http: requests.Session) -> None:
         assert time.monotonic() - start < 0.5
         with pytest.raises(requests.exceptions.ChunkedEncodingError):
             list(lines)
-    assert _conn_threads() == []
+    assert _conn_threads(exclude=before) == []
 
 
 def test_cli_runs_and_exits_on_sigterm(http: requests.Session) -> None:

@@ -92,9 +92,7 @@ def test_test_account_can_be_disabled(start_server, sqlite_url):
     server = start_server("login", AICHAT_DB_URL=sqlite_url, AICHAT_TEST_ACCOUNT="off")
     client = Client(server.base_url)
     assert_error(client.post("/send_code", {"phone_number": "10086"}), 400, "InvalidPhoneNumber")
-    assert_error(
-        client.post("/login", {"phone_number": "10086", "verify_code": "1234"}), 400, "InvalidPhoneNumber"
-    )
+    assert_error(client.post("/login", {"phone_number": "10086", "verify_code": "1234"}), 400, "InvalidPhoneNumber")
 
 
 def test_test_account_is_configurable(start_server, sqlite_url):
@@ -145,33 +143,25 @@ class TestRealNumbers:
         # Cooldown off so the same phone can get a second code at once.
         from tests.conftest import dysms_env
 
-        server = start_server(
-            "login", AICHAT_DB_URL=db_url, AICHAT_CODE_RESEND_COOLDOWN=0, **dysms_env(fake_dysms)
-        )
+        server = start_server("login", AICHAT_DB_URL=db_url, AICHAT_CODE_RESEND_COOLDOWN=0, **dysms_env(fake_dysms))
         client = Client(server.base_url)
         phone = random_phone()
         uids = []
         for _ in range(2):
             code = send_and_read_code(client, fake_dysms, phone)
-            uids.append(
-                client.post("/login", {"phone_number": phone, "verify_code": code}).json()["user"]["uid"]
-            )
+            uids.append(client.post("/login", {"phone_number": phone, "verify_code": code}).json()["user"]["uid"])
         assert uids[0] == uids[1]
 
     def test_new_code_supersedes_old(self, start_server, db_url, fake_dysms):
         from tests.conftest import dysms_env
 
-        server = start_server(
-            "login", AICHAT_DB_URL=db_url, AICHAT_CODE_RESEND_COOLDOWN=0, **dysms_env(fake_dysms)
-        )
+        server = start_server("login", AICHAT_DB_URL=db_url, AICHAT_CODE_RESEND_COOLDOWN=0, **dysms_env(fake_dysms))
         client = Client(server.base_url)
         phone = random_phone()
         old = send_and_read_code(client, fake_dysms, phone)
         new = send_and_read_code(client, fake_dysms, phone)
         if old != new:
-            assert_error(
-                client.post("/login", {"phone_number": phone, "verify_code": old}), 401, "VerifyFailed"
-            )
+            assert_error(client.post("/login", {"phone_number": phone, "verify_code": old}), 401, "VerifyFailed")
         assert client.post("/login", {"phone_number": phone, "verify_code": new}).status_code == 200
 
     def test_wrong_attempts_burn_the_code(self, login, fake_dysms):
@@ -179,9 +169,7 @@ class TestRealNumbers:
         code = send_and_read_code(login, fake_dysms, phone)
         wrong = "000000" if code != "000000" else "111111"
         for _ in range(5):
-            assert_error(
-                login.post("/login", {"phone_number": phone, "verify_code": wrong}), 401, "VerifyFailed"
-            )
+            assert_error(login.post("/login", {"phone_number": phone, "verify_code": wrong}), 401, "VerifyFailed")
         # Burned: even the right code fails now.
         assert_error(login.post("/login", {"phone_number": phone, "verify_code": code}), 401, "VerifyFailed")
 
@@ -316,10 +304,7 @@ class TestCors:
 
     def test_simple_request_and_error_carry_cors(self, login):
         assert (
-            login.get("/health", headers={"Origin": "http://a.example"}).headers[
-                "Access-Control-Allow-Origin"
-            ]
-            == "*"
+            login.get("/health", headers={"Origin": "http://a.example"}).headers["Access-Control-Allow-Origin"] == "*"
         )
         res = login.post("/login", {}, headers={"Origin": "http://a.example"})
         assert res.status_code == 400 and res.headers["Access-Control-Allow-Origin"] == "*"
@@ -329,9 +314,7 @@ class TestCors:
         ok = requests.get(server.base_url + "/health", headers={"Origin": "https://app.example"}, timeout=5)
         assert ok.headers["Access-Control-Allow-Origin"] == "https://app.example"
         assert "Origin" in ok.headers["Vary"]
-        other = requests.get(
-            server.base_url + "/health", headers={"Origin": "https://evil.example"}, timeout=5
-        )
+        other = requests.get(server.base_url + "/health", headers={"Origin": "https://evil.example"}, timeout=5)
         assert "Access-Control-Allow-Origin" not in other.headers
 
 
@@ -339,9 +322,7 @@ def test_request_id_from_fc_header(login, login_server):
     res = login.get("/health", headers={"x-fc-request-id": "fc-req-123"})
     assert res.headers["X-Request-Id"] == "fc-req-123"
     lines = [json.loads(line) for line in login_server.log().splitlines() if line.startswith("{")]
-    assert any(
-        line["request_id"] == "fc-req-123" and line.get("operation_id") == "login_health" for line in lines
-    )
+    assert any(line["request_id"] == "fc-req-123" and line.get("operation_id") == "login_health" for line in lines)
 
 
 def test_console_provider_logs_the_code(start_server, sqlite_url):

@@ -79,9 +79,7 @@ def test_without_trusted_proxy_the_peer_address_counts(start_server, sqlite_url,
     # Each request claims another X-Forwarded-For address, but the socket peer is 127.0.0.1 every time.
     for _ in range(2):
         assert Client(server.base_url).post("/send_code", {"phone_number": random_phone()}).status_code == 200
-    assert_error(
-        Client(server.base_url).post("/send_code", {"phone_number": random_phone()}), 429, "RateLimited"
-    )
+    assert_error(Client(server.base_url).post("/send_code", {"phone_number": random_phone()}), 429, "RateLimited")
 
 
 def test_database_down_answers_database_error(start_server, fake_dysms):
@@ -92,9 +90,7 @@ def test_database_down_answers_database_error(start_server, fake_dysms):
     res = client.post("/send_code", {"phone_number": random_phone()})
     assert_error(res, 500, "DatabaseError")
     assert res.elapsed.total_seconds() < 5
-    assert_error(
-        client.post("/login", {"phone_number": "10086", "verify_code": "1234"}), 500, "DatabaseError"
-    )
+    assert_error(client.post("/login", {"phone_number": "10086", "verify_code": "1234"}), 500, "DatabaseError")
     assert "Traceback" not in res.text
 
 
@@ -102,9 +98,7 @@ def test_missing_database_config(start_server):
     server = start_server("login", AICHAT_DB_URL=None)
     client = Client(server.base_url)
     assert client.get("/health").status_code == 200
-    assert_error(
-        client.post("/login", {"phone_number": "10086", "verify_code": "1234"}), 500, "MissingDatabaseConfig"
-    )
+    assert_error(client.post("/login", {"phone_number": "10086", "verify_code": "1234"}), 500, "MissingDatabaseConfig")
 
 
 def _import_login_app(**env: object) -> subprocess.CompletedProcess:

@@ -111,7 +111,7 @@ def test_client_is_built_once_and_shared_across_threads(fake):
     def send(number: str) -> None:
         try:
             provider.send(phone_number=number, country_code="86", code=number[-6:])
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - collected and asserted below
             errors.append(exc)
 
     threads = [threading.Thread(target=send, args=(n,)) for n in numbers]
@@ -195,9 +195,7 @@ def test_stop_does_not_wait_for_hung_request():
 
     assert time.monotonic() - started < 3
     leftover = [
-        t.name
-        for t in set(threading.enumerate()) - before
-        if "fake-dysms" in t.name or "process_request" in t.name
+        t.name for t in set(threading.enumerate()) - before if "fake-dysms" in t.name or "process_request" in t.name
     ]
     assert leftover == []
 
@@ -239,12 +237,8 @@ def test_nothing_sensitive_is_logged_or_chained(fake, caplog, monkeypatch):
     for secret in (code, FAKE_AK_SECRET, FAKE_STS_TOKEN, "1380013800"):
         assert not [t for t in texts if secret in t], secret
     # SDK/requests exceptions embed the request URL, so none may ride along as a cause or context.
-    assert all(
-        exc.__cause__ is None and (exc.__context__ is None or exc.__suppress_context__) for exc in raised
-    )
-    warnings = [
-        r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "aichat.sms"
-    ]
+    assert all(exc.__cause__ is None and (exc.__context__ is None or exc.__suppress_context__) for exc in raised)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "aichat.sms"]
     assert len(warnings) == 4
     assert any("***8001" in w and "isv.MOBILE_NUMBER_ILLEGAL" in w for w in warnings)
 
@@ -254,9 +248,7 @@ def test_console_provider_logs_code(caplog):
 
     receipt = ConsoleSmsProvider().send(phone_number="13800138000", country_code="86", code="123456")
 
-    assert [r.getMessage() for r in caplog.records if r.name == "aichat.sms"] == [
-        "SMS code for 13800138000: 123456"
-    ]
+    assert [r.getMessage() for r in caplog.records if r.name == "aichat.sms"] == ["SMS code for 13800138000: 123456"]
     assert receipt.biz_id == "CONSOLE"
     assert receipt.request_id.startswith("CONSOLE-")
     uuid.UUID(hex=receipt.request_id.removeprefix("CONSOLE-"))

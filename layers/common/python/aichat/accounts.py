@@ -111,9 +111,7 @@ class Accounts:
         code = "".join(secrets.choice("0123456789") for _ in range(CODE_DIGITS))
         code_id = self._reserve(phone, code, client_ip=client_ip, source_ip=source_ip)
         try:
-            receipt = self.sms.send(
-                phone_number=phone.phone_number, country_code=phone.country_code, code=code
-            )
+            receipt = self.sms.send(phone_number=phone.phone_number, country_code=phone.country_code, code=code)
         except SmsError as exc:
             self._send_failed(phone, code_id)
             if isinstance(exc, SmsRejected):
@@ -182,9 +180,7 @@ class Accounts:
         row = tx.one("SELECT until_ms FROM send_cooldowns WHERE phone_key = ?" + tx.for_update, (phone.key,))
         if row is None:
             try:
-                tx.execute(
-                    "INSERT INTO send_cooldowns (phone_key, until_ms) VALUES (?, ?)", (phone.key, until)
-                )
+                tx.execute("INSERT INTO send_cooldowns (phone_key, until_ms) VALUES (?, ?)", (phone.key, until))
                 return
             except Exception as exc:
                 if not is_duplicate_key(exc):
@@ -249,8 +245,7 @@ class Accounts:
         with self.db.tx() as tx:
             row = tx.one(
                 "SELECT id, code_hash, attempts, expires_at FROM verification_codes"
-                " WHERE phone_number = ? AND country_code = ? AND status = ? ORDER BY id DESC LIMIT 1"
-                + tx.for_update,
+                " WHERE phone_number = ? AND country_code = ? AND status = ? ORDER BY id DESC LIMIT 1" + tx.for_update,
                 (phone.phone_number, phone.country_code, LIVE),
             )
             if row is None or row["expires_at"] <= now or row["attempts"] >= self.settings.code_max_attempts:
@@ -305,8 +300,13 @@ class Accounts:
 
     def user_exists(self, uid: str) -> bool:
         """Whether a uid belongs to a current user."""
-        with self.db.tx() as tx:
-            return tx.one("SELECT uid FROM users WHERE uid = ?", (uid,)) is not None
+        return user_exists(self.db, uid)
+
+
+def user_exists(db: Database, uid: str) -> bool:
+    """Whether a uid belongs to a current user (a token of a deleted user is not enough)."""
+    with db.tx() as tx:
+        return tx.one("SELECT uid FROM users WHERE uid = ?", (uid,)) is not None
 
 
 def _rate_limited(retry_after_ms: int, message: str) -> ApiError:

@@ -140,9 +140,7 @@ class Settings:
             if self.sms_provider == "console":
                 raise ConfigError("the console SMS provider is for local runs only; use dysms in production")
             if not (self.sms_sign_name and self.sms_template_code):
-                raise ConfigError(
-                    "AICHAT_SMS_SIGN_NAME and AICHAT_SMS_TEMPLATE_CODE are required in production"
-                )
+                raise ConfigError("AICHAT_SMS_SIGN_NAME and AICHAT_SMS_TEMPLATE_CODE are required in production")
 
 
 def _flag(value: str) -> bool:

@@ -17,3 +17,6 @@ preload_app = True
 accesslog = None
 errorlog = "-"
 loglevel = os.environ.get("AICHAT_LOG_LEVEL", "info").lower()
+# gunicorn >= 24 opens a control socket under $HOME: FC's file system is read-only there, and two local
+# services would fight over one path. Nothing here uses it.
+control_socket_disable = True

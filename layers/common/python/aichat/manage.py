@@ -33,9 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_level)
     db = Database(settings.db_url, connect_timeout_s=settings.db_connect_timeout_s, auto_migrate=False)
     applied = db.migrate()
-    sys.stdout.write(
-        f"migrated {settings.db_url.split('@')[-1]}: applied {applied or 'nothing (up to date)'}\n"
-    )
+    sys.stdout.write(f"migrated {settings.db_url.split('@')[-1]}: applied {applied or 'nothing (up to date)'}\n")
     db.close()
     return 0
 

@@ -41,9 +41,7 @@ class SmsError(Exception):
 class SmsRejected(SmsError):
     """The provider answered but refused the message (response code other than "OK")."""
 
-    def __init__(
-        self, message: str = "", *, provider_code: str | None = None, bad_number: bool | None = None
-    ) -> None:
+    def __init__(self, message: str = "", *, provider_code: str | None = None, bad_number: bool | None = None) -> None:
         """Record the provider code and whether it means the phone number itself is invalid."""
         super().__init__(message, provider_code=provider_code)
         self.bad_number = provider_code in _BAD_NUMBER_CODES if bad_number is None else bad_number
@@ -252,9 +250,7 @@ class DysmsProvider:
         if result_code != "OK":
             logger.warning("Dysmsapi rejected SMS to %s: code=%s", masked, result_code)
             raise SmsRejected(f"Dysmsapi rejected the message: {result_code}", provider_code=result_code)
-        logger.info(
-            "Dysmsapi accepted SMS to %s: request_id=%s biz_id=%s", masked, body.request_id, body.biz_id
-        )
+        logger.info("Dysmsapi accepted SMS to %s: request_id=%s biz_id=%s", masked, body.request_id, body.biz_id)
         return SmsReceipt(request_id=body.request_id or "", biz_id=body.biz_id or "")
 
 

@@ -50,8 +50,7 @@ MIGRATIONS: list[tuple[int, str, list[str], list[str]]] = [
                 provider_request_id TEXT,
                 created_at INTEGER NOT NULL,
                 expires_at INTEGER NOT NULL)""",
-            "CREATE INDEX IF NOT EXISTS ix_codes_phone ON verification_codes"
-            " (phone_number, country_code, id)",
+            "CREATE INDEX IF NOT EXISTS ix_codes_phone ON verification_codes (phone_number, country_code, id)",
             "CREATE INDEX IF NOT EXISTS ix_codes_ip ON verification_codes (client_ip, created_at)",
             """CREATE TABLE IF NOT EXISTS send_cooldowns (
                 phone_key TEXT PRIMARY KEY,
@@ -83,6 +82,65 @@ MIGRATIONS: list[tuple[int, str, list[str], list[str]]] = [
             """CREATE TABLE IF NOT EXISTS send_cooldowns (
                 phone_key VARCHAR(24) NOT NULL PRIMARY KEY,
                 until_ms BIGINT NOT NULL)"""
+            + _MYSQL_TABLE,
+        ],
+    ),
+    (
+        2,
+        "roles and chat messages",
+        [
+            """CREATE TABLE IF NOT EXISTS roles (
+                role_code TEXT PRIMARY KEY,
+                nickname TEXT NOT NULL,
+                intro TEXT NOT NULL,
+                avatar_url TEXT NOT NULL,
+                background_url TEXT NOT NULL,
+                opening_message TEXT NOT NULL,
+                system_prompt TEXT NOT NULL,
+                sort_order INTEGER NOT NULL,
+                enabled INTEGER NOT NULL,
+                updated_at INTEGER NOT NULL)""",
+            """CREATE TABLE IF NOT EXISTS app_meta (
+                meta_key TEXT PRIMARY KEY,
+                meta_value TEXT NOT NULL)""",
+            """CREATE TABLE IF NOT EXISTS messages (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                uid TEXT NOT NULL,
+                role_code TEXT NOT NULL,
+                sender_role TEXT NOT NULL,
+                content TEXT NOT NULL,
+                has_image INTEGER NOT NULL DEFAULT 0,
+                is_partial INTEGER NOT NULL DEFAULT 0,
+                created_at INTEGER NOT NULL)""",
+            "CREATE INDEX IF NOT EXISTS ix_messages_conversation ON messages (uid, role_code, id)",
+        ],
+        [
+            """CREATE TABLE IF NOT EXISTS roles (
+                role_code VARCHAR(64) NOT NULL PRIMARY KEY,
+                nickname VARCHAR(64) NOT NULL,
+                intro TEXT NOT NULL,
+                avatar_url TEXT NOT NULL,
+                background_url TEXT NOT NULL,
+                opening_message TEXT NOT NULL,
+                system_prompt MEDIUMTEXT NOT NULL,
+                sort_order INT NOT NULL,
+                enabled TINYINT(1) NOT NULL,
+                updated_at BIGINT NOT NULL)"""
+            + _MYSQL_TABLE,
+            """CREATE TABLE IF NOT EXISTS app_meta (
+                meta_key VARCHAR(64) NOT NULL PRIMARY KEY,
+                meta_value TEXT NOT NULL)"""
+            + _MYSQL_TABLE,
+            """CREATE TABLE IF NOT EXISTS messages (
+                id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+                uid CHAR(24) NOT NULL,
+                role_code VARCHAR(64) NOT NULL,
+                sender_role VARCHAR(16) NOT NULL,
+                content MEDIUMTEXT NOT NULL,
+                has_image TINYINT(1) NOT NULL DEFAULT 0,
+                is_partial TINYINT(1) NOT NULL DEFAULT 0,
+                created_at BIGINT NOT NULL,
+                KEY ix_messages_conversation (uid, role_code, id))"""
             + _MYSQL_TABLE,
         ],
     ),
@@ -286,7 +344,7 @@ class Database:
     def _rollback(self, conn: Any) -> None:
         try:
             conn.execute("ROLLBACK") if self.dialect == "sqlite" else conn.rollback()
-        except Exception:
+        except Exception:  # noqa: BLE001 - the connection is probably gone; drop it
             self._discard()
 
     # -- schema ------------------------------------------------------------------------------------

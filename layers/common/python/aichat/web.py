@@ -7,11 +7,11 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from flask import Flask, Response, g, request
+from flask import Flask, Response, g, request, stream_with_context
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound, RequestEntityTooLarge
 
 from .auth import bearer_token, verify_token
@@ -42,6 +42,20 @@ def json_response(body: dict[str, Any], status: int = 200, headers: dict[str, st
     """A UTF-8 JSON response with readable Chinese (no \\u escapes)."""
     text = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
     return Response(text, status=status, headers=headers, content_type=JSON_CONTENT_TYPE)
+
+
+def sse_response(frames: Iterator[bytes]) -> Response:
+    """A text/event-stream response that sends each frame as its own chunk, with nothing buffering it."""
+    return Response(
+        stream_with_context(frames),
+        status=200,
+        content_type="text/event-stream; charset=utf-8",
+        headers={
+            "Cache-Control": "no-cache, no-transform",
+            # Tell nginx-style proxies (and FC's gateway) not to hold frames back.
+            "X-Accel-Buffering": "no",
+        },
+    )
 
 
 def error_response(error: ApiError) -> Response:
@@ -169,9 +183,7 @@ def create_app(
 def _view(route: Route, settings: Settings, user_exists: Callable[[str], bool] | None) -> Callable[[], Any]:
     def view() -> Any:
         if route.auth == "bearer_jwt":
-            claims = verify_token(
-                bearer_token(request.headers.get("Authorization")), secret=settings.jwt_secret
-            )
+            claims = verify_token(bearer_token(request.headers.get("Authorization")), secret=settings.jwt_secret)
             if user_exists is not None and not user_exists(claims["sub"]):
                 raise ApiError("Unauthorized")
             g.uid = claims["sub"]

@@ -1,0 +1,62 @@
+"""ChatService web function: the route table of the contract's ChatService and its thin handlers."""
+
+from functools import partial
+
+from aichat.accounts import user_exists
+from aichat.chat import Chat
+from aichat.config import load_settings
+from aichat.llm import LlmClient
+from aichat.roles import RoleCatalog
+from aichat.store import open_database
+from aichat.web import ApiRequest, Route, create_app, sse_response
+
+settings = load_settings()
+db = open_database(settings)
+roles = RoleCatalog(db, roles_file=settings.roles_file)
+chat = Chat(
+    settings,
+    db,
+    roles,
+    LlmClient(
+        base_url=settings.llm_base_url,
+        api_key=settings.llm_api_key,
+        connect_timeout_s=settings.llm_connect_timeout_s,
+        read_timeout_s=settings.llm_read_timeout_s,
+    ),
+)
+
+
+def chat_roles(req: ApiRequest) -> dict:
+    """The enabled roles' public fields (no auth)."""
+    return {"success": True, "roles": [role.public() for role in roles.enabled()]}
+
+
+def chat_stream(req: ApiRequest):
+    """Stream the role's reply to the user's message as SSE."""
+    return sse_response(chat.stream(req.user_uid(), req.json()))
+
+
+def chat_history(req: ApiRequest) -> dict:
+    """The user's messages with one role, oldest first."""
+    return chat.history(req.user_uid(), req.args.get("role_code"))
+
+
+def chat_clear(req: ApiRequest) -> dict:
+    """Delete the user's messages with one role."""
+    return chat.clear(req.user_uid(), req.json())
+
+
+ROUTES = [
+    Route("chat_roles", "GET", "/chat/roles", "none", chat_roles),
+    Route("chat_stream", "POST", "/chat/stream", "bearer_jwt", chat_stream, response_type="sse"),
+    Route("chat_history", "GET", "/chat/history", "bearer_jwt", chat_history),
+    Route("chat_clear", "POST", "/chat/clear", "bearer_jwt", chat_clear),
+]
+
+app = create_app(
+    service="chat",
+    routes=ROUTES,
+    settings=settings,
+    body_limit=settings.chat_body_limit,
+    user_exists=partial(user_exists, db),
+)

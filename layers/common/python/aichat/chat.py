@@ -1,0 +1,343 @@
+"""ChatService's logic: request validation, context assembly, the SSE relay with persistence, history, clear."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import math
+import re
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from .config import Settings
+from .errors import ApiError
+from .llm import LlmClient, StreamBroken, UpstreamStream
+from .roles import Role, RoleCatalog
+from .store import Database, Row, now_ms
+from .web import log_stream_end
+
+log = logging.getLogger("aichat.chat")
+
+DONE_FRAME = b"data: [DONE]\n\n"
+DATA_URL_PREFIX = re.compile(r"^data:[\w.+/-]*;base64,", re.IGNORECASE)
+WHITESPACE = re.compile(rb"\s+")
+# Magic bytes decide the image type; the client's image_mime_type is only a hint.
+IMAGE_SIGNATURES = (
+    (b"\xff\xd8\xff", "image/jpeg"),
+    (b"\x89PNG\r\n\x1a\n", "image/png"),
+    (b"GIF87a", "image/gif"),
+    (b"GIF89a", "image/gif"),
+)
+# Sampling parameters: name -> (type check, inclusive low, high, low exclusive?).
+PARAMS: dict[str, tuple[type, float, float, bool]] = {
+    "temperature": (float, 0.0, 2.0, False),
+    "top_p": (float, 0.0, 1.0, True),
+    "max_tokens": (int, 1, 8192, False),
+    "presence_penalty": (float, -2.0, 2.0, False),
+    "frequency_penalty": (float, -2.0, 2.0, False),
+}
+FALLBACK_TEXT = "（网络开小差了，回复没能说完，请稍后再试。）"
+FALLBACK_MESSAGES = {
+    "NetworkError": "上游模型连接中断",
+    "UpstreamHTTPError": "上游模型返回了无法解析的数据",
+    "DatabaseError": "回复保存失败",
+    "InternalError": "服务内部异常",
+}
+IMAGE_ONLY_PLACEHOLDER = "[图片]"
+
+
+@dataclass(frozen=True)
+class ChatImage:
+    """A validated image: its type by magic bytes and its canonical base64."""
+
+    mime_type: str
+    base64_data: str
+    size: int
+
+    @property
+    def data_url(self) -> str:
+        """The `data:` URL an OpenAI-compatible vision model takes."""
+        return f"data:{self.mime_type};base64,{self.base64_data}"
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """A validated /chat/stream request."""
+
+    role: Role
+    text: str
+    image: ChatImage | None
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def sniff_image_type(data: bytes) -> str | None:
+    """The image MIME type by magic bytes, or None if it is not an allowed image."""
+    for signature, mime_type in IMAGE_SIGNATURES:
+        if data.startswith(signature):
+            return mime_type
+    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return None
+
+
+def format_time(ms: int, settings: Settings) -> str:
+    """`YYYY-MM-DDTHH:MM:SS` in the configured time zone, as the contract shows."""
+    return datetime.fromtimestamp(ms / 1000, settings.tz).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def fallback_frame(code: str) -> bytes:
+    """The local frame sent when the upstream fails mid-stream: the chunk shape plus an error object."""
+    frame = {
+        "id": f"local-{uuid.uuid4().hex}",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": "local-fallback",
+        "choices": [{"index": 0, "delta": {"content": FALLBACK_TEXT}, "finish_reason": "error"}],
+        "error": {"code": code, "message": FALLBACK_MESSAGES.get(code, FALLBACK_MESSAGES["InternalError"])},
+    }
+    return b"data: " + json.dumps(frame, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+class Chat:
+    """Conversations of (user, role): streaming replies, history and clearing."""
+
+    def __init__(self, settings: Settings, db: Database, roles: RoleCatalog, llm: LlmClient) -> None:
+        self.settings = settings
+        self.db = db
+        self.roles = roles
+        self.llm = llm
+
+    # -- validation --------------------------------------------------------------------------------
+    def parse(self, body: dict[str, Any]) -> ChatRequest:
+        """Validate a /chat/stream body in the contract's order, raising the documented errors."""
+        role = self.roles.get(body.get("role_code"))
+        text = self._text(body)
+        raw_image = body.get("image_base64")
+        if raw_image is not None and not isinstance(raw_image, str):
+            raise ApiError("InvalidImage", "image_base64 必须是字符串")
+        if not text.strip() and not raw_image:
+            raise ApiError("InvalidInput", "缺少 message 或 image_base64")
+        params = self._params(body)
+        mime_hint = body.get("image_mime_type")
+        if mime_hint is not None and not isinstance(mime_hint, str):
+            raise ApiError("InvalidInput", "参数 image_mime_type 必须是字符串")
+        image = self._image(raw_image) if raw_image else None
+        return ChatRequest(role=role, text=text, image=image, params=params)
+
+    def _text(self, body: dict[str, Any]) -> str:
+        # `message` wins; `prompt` is the legacy name for the same thing.
+        for name in ("message", "prompt"):
+            value = body.get(name)
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                raise ApiError("InvalidInput", f"参数 {name} 必须是字符串")
+            if value.strip():
+                if len(value) > self.settings.message_max_chars:
+                    raise ApiError("InvalidInput", f"消息不能超过 {self.settings.message_max_chars} 个字符")
+                return value
+        return ""
+
+    @staticmethod
+    def _params(body: dict[str, Any]) -> dict[str, Any]:
+        params: dict[str, Any] = {}
+        for name, (kind, low, high, low_exclusive) in PARAMS.items():
+            value = body.get(name)
+            if value is None:
+                continue
+            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not numeric or (kind is int and not isinstance(value, int)) or not math.isfinite(value):
+                raise ApiError("InvalidInput", f"参数 {name} 类型不正确")
+            if value > high or value < low or (low_exclusive and value == low):
+                raise ApiError("InvalidInput", f"参数 {name} 超出范围")
+            params[name] = value
+        return params
+
+    def _image(self, raw: str) -> ChatImage:
+        text = DATA_URL_PREFIX.sub("", raw.strip(), count=1)
+        data = WHITESPACE.sub(b"", text.encode("ascii", errors="replace"))
+        # Check the size before decoding so an oversized upload costs no memory beyond its body.
+        if len(data) * 3 // 4 > self.settings.image_max_bytes + 2:
+            raise ApiError("InvalidImage", f"图片不能超过 {self.settings.image_max_bytes // (1024 * 1024)} MiB")
+        try:
+            decoded = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ApiError("InvalidImage") from exc
+        if not decoded or len(decoded) > self.settings.image_max_bytes:
+            raise ApiError("InvalidImage")
+        mime_type = sniff_image_type(decoded)
+        if mime_type is None:
+            raise ApiError("InvalidImage", "图片格式不支持，仅支持 jpeg/png/webp/gif")
+        return ChatImage(mime_type=mime_type, base64_data=data.decode("ascii"), size=len(decoded))
+
+    # -- streaming ---------------------------------------------------------------------------------
+    def stream(self, uid: str, body: dict[str, Any]) -> Iterator[bytes]:
+        """Validate, store the user's message, open the upstream and return the SSE relay.
+
+        Errors before the first frame are raised as ApiError (JSON responses); after that, the relay
+        reports them in-band.
+        """
+        started = time.perf_counter()
+        request = self.parse(body)
+        if not self.llm.api_key:
+            raise ApiError("MissingApiKey")
+        history, message_id = self._store_user_message(uid, request)
+        payload = {
+            "model": self.settings.llm_vision_model if request.image else self.settings.llm_model,
+            "messages": self.build_messages(request, history),
+            **request.params,
+        }
+        upstream = self.llm.open_stream(payload)
+        log.info(
+            "stream opened",
+            extra={
+                "uid": uid,
+                "role_code": request.role.role_code,
+                "message_id": message_id,
+                "model": payload["model"],
+            },
+        )
+        return self._relay(uid, request.role.role_code, upstream, started)
+
+    def _store_user_message(self, uid: str, request: ChatRequest) -> tuple[list[Row], int]:
+        """Read the recent history and store the new user message, in one transaction."""
+        with self.db.tx() as tx:
+            history = tx.all(
+                "SELECT sender_role, content, has_image FROM messages WHERE uid = ? AND role_code = ?"
+                " ORDER BY id DESC LIMIT ?",
+                (uid, request.role.role_code, self.settings.history_max_messages),
+            )
+            message_id = tx.insert(
+                "INSERT INTO messages (uid, role_code, sender_role, content, has_image, is_partial, created_at)"
+                " VALUES (?, ?, 'user', ?, ?, 0, ?)",
+                (uid, request.role.role_code, request.text, int(request.image is not None), now_ms()),
+            )
+        history.reverse()
+        return history, message_id
+
+    def build_messages(self, request: ChatRequest, history: list[Row]) -> list[dict[str, Any]]:
+        """The upstream context: the role's hidden prompt, the newest history within budget, the new turn."""
+        picked: list[dict[str, Any]] = []
+        used = 0
+        for row in reversed(history):  # newest first, so the budget keeps the most recent turns
+            content = row["content"] or (IMAGE_ONLY_PLACEHOLDER if row["has_image"] else "")
+            if not content:
+                continue
+            if used + len(content) > self.settings.history_budget_chars:
+                break
+            used += len(content)
+            picked.append({"role": "assistant" if row["sender_role"] == "assistant" else "user", "content": content})
+        picked.reverse()
+        if request.image is None:
+            turn: dict[str, Any] = {"role": "user", "content": request.text}
+        else:
+            parts: list[dict[str, Any]] = []
+            if request.text.strip():
+                parts.append({"type": "text", "text": request.text})
+            parts.append({"type": "image_url", "image_url": {"url": request.image.data_url}})
+            turn = {"role": "user", "content": parts}
+        return [{"role": "system", "content": request.role.system_prompt}, *picked, turn]
+
+    def _relay(self, uid: str, role_code: str, upstream: UpstreamStream, started: float) -> Iterator[bytes]:
+        """Forward every upstream frame as it arrives; store the reply before [DONE], or what arrived if cut."""
+        parts: list[str] = []
+        saved = False
+        outcome = "client_gone"
+        frames = 0
+        try:
+            try:
+                finished = False
+                for payload in upstream.frames():
+                    try:
+                        frame = json.loads(payload)
+                    except ValueError as exc:
+                        raise StreamBroken("UpstreamHTTPError", "malformed upstream frame") from exc
+                    if isinstance(frame, dict):
+                        if frame.get("error") and not frame.get("choices"):
+                            raise StreamBroken("UpstreamHTTPError", "upstream reported an error mid-stream")
+                        for choice in frame.get("choices") or ():
+                            delta = choice.get("delta") or {}
+                            if isinstance(delta.get("content"), str):
+                                parts.append(delta["content"])
+                            finished = finished or bool(choice.get("finish_reason"))
+                    frames += 1
+                    yield b"data: " + payload + b"\n\n"
+                if not (upstream.done or finished):
+                    raise StreamBroken("NetworkError", "upstream ended before finishing")
+            except StreamBroken as exc:
+                outcome = f"broken:{exc.code}"
+                log.warning("upstream stream broke", extra={"uid": uid, "reason": exc.reason, "frames": frames})
+                saved = True
+                self._save_reply(uid, role_code, parts, partial=True)
+                yield fallback_frame(exc.code)
+                yield DONE_FRAME
+                return
+            saved = True
+            self._save_reply(uid, role_code, parts, partial=False)
+            outcome = "complete"
+            yield DONE_FRAME
+        except ApiError as exc:
+            # Storing the reply failed; tell the client in-band, the stream has already started.
+            outcome = f"error:{exc.code}"
+            yield fallback_frame(exc.code)
+            yield DONE_FRAME
+        finally:
+            upstream.close()
+            if not saved:
+                # The client went away (or something unexpected happened): keep what arrived.
+                try:
+                    self._save_reply(uid, role_code, parts, partial=True)
+                except ApiError:
+                    log.error("could not store a partial reply", extra={"uid": uid})
+            log_stream_end("chat_stream", uid, started, outcome=outcome, frames=frames)
+
+    def _save_reply(self, uid: str, role_code: str, parts: list[str], *, partial: bool) -> None:
+        content = "".join(parts)
+        if partial and not content:
+            return  # nothing arrived: an empty bubble would only confuse the history
+        with self.db.tx() as tx:
+            tx.insert(
+                "INSERT INTO messages (uid, role_code, sender_role, content, has_image, is_partial, created_at)"
+                " VALUES (?, ?, 'assistant', ?, 0, ?, ?)",
+                (uid, role_code, content, int(partial), now_ms()),
+            )
+
+    # -- history and clear -------------------------------------------------------------------------
+    def history(self, uid: str, role_code: Any) -> dict[str, Any]:
+        """This user's messages with a role, oldest first."""
+        role = self.roles.get(role_code)
+        with self.db.tx() as tx:
+            rows = tx.all(
+                "SELECT id, sender_role, content, has_image, is_partial, created_at FROM messages"
+                " WHERE uid = ? AND role_code = ? ORDER BY id",
+                (uid, role.role_code),
+            )
+        return {
+            "success": True,
+            "role_code": role.role_code,
+            "messages": [
+                {
+                    "id": int(row["id"]),
+                    "sender_role": row["sender_role"],
+                    "content": row["content"],
+                    "has_image": bool(row["has_image"]),
+                    "is_partial": bool(row["is_partial"]),
+                    "created_at": format_time(row["created_at"], self.settings),
+                }
+                for row in rows
+            ],
+        }
+
+    def clear(self, uid: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Delete this user's messages with one role (other roles and users are untouched)."""
+        role = self.roles.get(body.get("role_code"))
+        with self.db.tx() as tx:
+            deleted = tx.execute("DELETE FROM messages WHERE uid = ? AND role_code = ?", (uid, role.role_code))
+        log.info("conversation cleared", extra={"uid": uid, "role_code": role.role_code, "deleted": deleted})
+        return {"success": True, "message": "当前聊天已清空", "deleted_count": deleted}

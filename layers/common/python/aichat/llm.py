@@ -1,0 +1,146 @@
+"""An OpenAI-compatible streaming client over requests (DashScope compatible-mode by default)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import requests
+
+from .errors import ApiError
+
+log = logging.getLogger("aichat.llm")
+
+# Frames longer than this are not a chat delta; refusing them bounds memory per stream.
+MAX_FRAME_BYTES = 1024 * 1024
+READ_SIZE = 64 * 1024
+
+
+class StreamBroken(Exception):
+    """The upstream stream failed after it started; `code` is the contract error code to report."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class UpstreamStream:
+    """An open upstream SSE response, read frame by frame with no buffering beyond what has arrived."""
+
+    def __init__(self, response: requests.Response) -> None:
+        self._response = response
+        self.done = False  # the upstream sent data: [DONE]
+
+    def frames(self) -> Iterator[bytes]:
+        """Yield each `data:` payload (without the prefix) the moment its line is complete.
+
+        Raises StreamBroken on a dropped connection, a read timeout or an overlong frame. Stops at
+        `[DONE]` (setting `done`) or at the end of the body.
+        """
+        raw = self._response.raw
+        buffer = b""
+        while True:
+            try:
+                # read1 returns whatever has arrived (at most one chunk) instead of waiting for a full block.
+                chunk = raw.read1(READ_SIZE)
+            except requests.exceptions.RequestException as exc:
+                raise _broken(exc) from exc
+            except Exception as exc:  # urllib3 / http.client errors on a dropped or timed-out socket
+                raise _broken(exc) from exc
+            if not chunk:
+                return
+            buffer += chunk
+            while True:
+                newline = buffer.find(b"\n")
+                if newline < 0:
+                    break
+                line, buffer = buffer[:newline].rstrip(b"\r"), buffer[newline + 1 :]
+                if not line.startswith(b"data:"):
+                    continue  # blank separators, comments (": ping"), event:/id: fields
+                payload = line[5:]
+                if payload.startswith(b" "):
+                    payload = payload[1:]
+                if payload.strip() == b"[DONE]":
+                    self.done = True
+                    return
+                yield payload
+            if len(buffer) > MAX_FRAME_BYTES:
+                raise StreamBroken("UpstreamHTTPError", "upstream frame too long")
+
+    def close(self) -> None:
+        """Release the upstream connection (closing it if the body was not read to the end)."""
+        self._response.close()
+
+
+def _broken(exc: BaseException) -> StreamBroken:
+    name = type(exc).__name__
+    timeout = "Timeout" in name or "timed out" in str(exc)
+    return StreamBroken("NetworkError", f"upstream read {'timed out' if timeout else 'failed'} ({name})")
+
+
+class LlmClient:
+    """Opens streaming chat completions against `{base_url}/chat/completions` with explicit timeouts."""
+
+    def __init__(self, *, base_url: str, api_key: str, connect_timeout_s: float, read_timeout_s: float) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self.timeout = (connect_timeout_s, read_timeout_s)
+        self._local = threading.local()
+
+    def _session(self) -> requests.Session:
+        # One keep-alive session per thread: repeated streams skip the TCP/TLS handshake to the upstream.
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = requests.Session()
+        return session
+
+    def open_stream(self, payload: dict[str, Any]) -> UpstreamStream:
+        """Send the request and return the stream once the upstream has answered 2xx.
+
+        Before any frame: non-2xx → 502 UpstreamHTTPError naming the status; connect/read failure →
+        NetworkError (504 on timeout, else 502).
+        """
+        if not self.api_key:
+            raise ApiError("MissingApiKey")
+        try:
+            response = self._session().post(
+                f"{self.base_url}/chat/completions",
+                json={**payload, "stream": True},
+                headers={
+                    "Authorization": f"Bearer {self.api_key}",
+                    "Accept": "text/event-stream",
+                    # A compressed SSE body would sit in the decoder instead of flowing through.
+                    "Accept-Encoding": "identity",
+                },
+                stream=True,
+                timeout=self.timeout,
+            )
+        except requests.exceptions.Timeout as exc:
+            log.warning("upstream timed out before answering", extra={"error": type(exc).__name__})
+            raise ApiError("NetworkError", "上游模型响应超时", status=504) from exc
+        except requests.exceptions.RequestException as exc:
+            log.warning("upstream unreachable", extra={"error": type(exc).__name__})
+            raise ApiError("NetworkError", "无法连接上游模型") from exc
+        if not 200 <= response.status_code < 300:
+            detail = _error_detail(response)
+            response.close()
+            log.warning("upstream refused", extra={"upstream_status": response.status_code, "detail": detail})
+            raise ApiError("UpstreamHTTPError", f"上游模型 HTTP 错误: {response.status_code}")
+        return UpstreamStream(response)
+
+
+def _error_detail(response: requests.Response) -> str:
+    """A short, log-safe description of an upstream error body (read at most 4 KiB of it)."""
+    try:
+        raw = response.raw.read(4096, decode_content=True) or b""
+        body = json.loads(raw.decode("utf-8", errors="replace"))
+    except Exception:  # noqa: BLE001 - the detail is only for the log
+        return ""
+    error = body.get("error", body) if isinstance(body, dict) else body
+    if isinstance(error, dict):
+        return f"{str(error.get('code') or error.get('type') or '')[:100]} {str(error.get('message', ''))[:200]}"
+    return str(error)[:300]

@@ -1,0 +1,164 @@
+"""The role catalogue: public fields for clients, a hidden system prompt for the model, cached in-process."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ApiError
+from .store import Database, now_ms
+
+log = logging.getLogger("aichat.roles")
+
+PUBLIC_FIELDS = ("role_code", "nickname", "intro", "avatar_url", "background_url", "opening_message")
+# Other instances pick up an operator's catalogue change within this many seconds.
+CACHE_TTL_S = 60.0
+ROLES_HASH_KEY = "roles_file_sha256"
+
+
+@dataclass(frozen=True)
+class Role:
+    """One character users can chat with."""
+
+    role_code: str
+    nickname: str
+    intro: str
+    avatar_url: str
+    background_url: str
+    opening_message: str
+    system_prompt: str  # hidden: never returned, never logged
+    sort_order: int = 0
+    enabled: bool = True
+
+    def public(self) -> dict[str, str]:
+        """The contract's Role object (the six public fields only)."""
+        return {name: getattr(self, name) for name in PUBLIC_FIELDS}
+
+    def __repr__(self) -> str:
+        # Keep the hidden prompt out of tracebacks and debug logs.
+        return f"Role({self.role_code!r})"
+
+
+def read_roles_file(path: str | Path) -> list[Role]:
+    """Parse and validate a role catalogue file (template/roles.json's format)."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    entries = data["roles"] if isinstance(data, dict) else data
+    roles: list[Role] = []
+    seen: set[str] = set()
+    for index, entry in enumerate(entries):
+        missing = [f for f in (*PUBLIC_FIELDS, "system_prompt") if not isinstance(entry.get(f), str)]
+        if missing:
+            raise ValueError(f"role #{index + 1} lacks string fields: {', '.join(missing)}")
+        if entry["role_code"] in seen:
+            raise ValueError(f"duplicate role_code {entry['role_code']!r}")
+        seen.add(entry["role_code"])
+        roles.append(
+            Role(
+                **{f: entry[f] for f in (*PUBLIC_FIELDS, "system_prompt")},
+                sort_order=int(entry.get("sort_order", index)),
+                enabled=bool(entry.get("enabled", True)),
+            )
+        )
+    return roles
+
+
+def sync_roles(db: Database, roles: list[Role], *, fingerprint: str | None = None) -> bool:
+    """Make the roles table match a catalogue (roles missing from it are disabled); one transaction.
+
+    With a fingerprint, nothing is written when the database already holds that exact catalogue.
+    """
+    with db.tx() as tx:
+        if fingerprint:
+            row = tx.one("SELECT meta_value FROM app_meta WHERE meta_key = ?" + tx.for_update, (ROLES_HASH_KEY,))
+            if row and row["meta_value"] == fingerprint:
+                return False
+        now = now_ms()
+        for role in roles:
+            values = (
+                role.nickname,
+                role.intro,
+                role.avatar_url,
+                role.background_url,
+                role.opening_message,
+                role.system_prompt,
+                role.sort_order,
+                int(role.enabled),
+                now,
+                role.role_code,
+            )
+            if not tx.execute(
+                "UPDATE roles SET nickname = ?, intro = ?, avatar_url = ?, background_url = ?,"
+                " opening_message = ?, system_prompt = ?, sort_order = ?, enabled = ?, updated_at = ?"
+                " WHERE role_code = ?",
+                values,
+            ) and not tx.one("SELECT role_code FROM roles WHERE role_code = ?", (role.role_code,)):
+                tx.execute(
+                    "INSERT INTO roles (nickname, intro, avatar_url, background_url, opening_message,"
+                    " system_prompt, sort_order, enabled, updated_at, role_code)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    values,
+                )
+        codes = [role.role_code for role in roles]
+        tx.execute(
+            f"UPDATE roles SET enabled = 0 WHERE role_code NOT IN ({','.join('?' * len(codes))})",
+            codes,
+        )
+        if fingerprint and not tx.execute(
+            "UPDATE app_meta SET meta_value = ? WHERE meta_key = ?", (fingerprint, ROLES_HASH_KEY)
+        ):
+            tx.execute("INSERT INTO app_meta (meta_key, meta_value) VALUES (?, ?)", (ROLES_HASH_KEY, fingerprint))
+    log.info("role catalogue synced", extra={"roles": codes})
+    return True
+
+
+class RoleCatalog:
+    """Enabled roles from the database, cached for a minute; synced from a catalogue file when one is set."""
+
+    def __init__(self, db: Database, *, roles_file: str = "") -> None:
+        self.db = db
+        self.roles_file = roles_file
+        self._lock = threading.Lock()
+        self._roles: list[Role] = []
+        self._by_code: dict[str, Role] = {}
+        self._loaded_at = float("-inf")
+        self._synced = not roles_file
+
+    def _refresh(self) -> None:
+        if not self._synced:
+            raw = Path(self.roles_file).read_bytes()
+            sync_roles(self.db, read_roles_file(self.roles_file), fingerprint=hashlib.sha256(raw).hexdigest())
+            self._synced = True
+        with self.db.tx() as tx:
+            rows = tx.all(
+                "SELECT role_code, nickname, intro, avatar_url, background_url, opening_message, system_prompt,"
+                " sort_order, enabled FROM roles WHERE enabled = 1 ORDER BY sort_order, role_code"
+            )
+        roles = [Role(**{**row, "enabled": bool(row["enabled"])}) for row in rows]
+        self._roles, self._by_code = roles, {role.role_code: role for role in roles}
+        self._loaded_at = time.monotonic()
+
+    def enabled(self) -> list[Role]:
+        """Enabled roles in their stable display order."""
+        if time.monotonic() - self._loaded_at > CACHE_TTL_S:
+            with self._lock:
+                if time.monotonic() - self._loaded_at > CACHE_TTL_S:
+                    self._refresh()
+        return self._roles
+
+    def get(self, role_code: Any) -> Role:
+        """The enabled role with this code: 400 InvalidInput when absent or ill-typed, 404 RoleNotFound if unknown."""
+        if role_code is None or role_code == "":
+            raise ApiError("InvalidInput", "缺少必填参数 role_code")
+        if not isinstance(role_code, str):
+            raise ApiError("InvalidInput", "参数 role_code 必须是字符串")
+        self.enabled()
+        role = self._by_code.get(role_code)
+        if role is None:
+            raise ApiError("RoleNotFound")
+        return role

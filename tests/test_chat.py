@@ -1,0 +1,405 @@
+"""ChatService over real HTTP: roles, the streaming relay and its persistence, history and clear."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import time
+from pathlib import Path
+
+import jwt
+import pytest
+import requests
+
+from tests.conftest import ROLES_FILE, chat_env
+from tests.servers import TEST_SECRET, Client, frame_text, free_port, read_stream, sse_events
+from tests.test_login import assert_error
+
+CONTRACT_NAITANG = {
+    "role_code": "naitang",
+    "nickname": "奶糖",
+    "intro": "一只会撒娇、会贴贴、会蹭蹭人的猫咪系陪伴角色。",
+    "avatar_url": "https://zzz-pet.oss-cn-hangzhou.aliyuncs.com/image/chat_avatar_cat.jpg",
+    "background_url": "https://zzz-pet.oss-cn-hangzhou.aliyuncs.com/image/chat_bg_cat.jpg",
+    "opening_message": "喵呜,我是奶糖,今天也想黏在你身边陪你聊天呀。你想先跟我说说现在的心情,还是让我蹭蹭你再开始?",
+}
+ROLES = json.loads(Path(ROLES_FILE).read_text(encoding="utf-8"))["roles"]
+NAITANG_PROMPT = next(r["system_prompt"] for r in ROLES if r["role_code"] == "naitang")
+PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
+JPEG = b"\xff\xd8\xff\xe0" + b"\x00" * 64
+TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}")
+
+
+def stream(client: Client, body: dict, **kw) -> requests.Response:
+    """POST /chat/stream without reading the body yet."""
+    return client.post("/chat/stream", body, stream=True, **kw)
+
+
+def chat_once(client: Client, body: dict) -> list[str]:
+    """Send one message and read the whole reply."""
+    res = stream(client, body)
+    assert res.status_code == 200, res.text
+    return read_stream(res)
+
+
+def history(client: Client, role_code: str = "naitang") -> list[dict]:
+    """The user's history with a role."""
+    res = client.get("/chat/history", params={"role_code": role_code})
+    assert res.status_code == 200, res.text
+    return res.json()["messages"]
+
+
+class TestRoles:
+    def test_lists_public_fields_only(self, chat_server):
+        res = requests.get(chat_server.base_url + "/chat/roles", timeout=5)
+        assert res.status_code == 200
+        assert res.headers["Content-Type"] == "application/json; charset=utf-8"
+        body = res.json()
+        assert body["success"] is True
+        assert body["roles"][0] == CONTRACT_NAITANG
+        codes = [role["role_code"] for role in body["roles"]]
+        assert codes[:2] == ["naitang", "wanqing"] and len(codes) >= 4
+        for role in body["roles"]:
+            assert set(role) == set(CONTRACT_NAITANG)
+        assert "system_prompt" not in res.text and NAITANG_PROMPT[:20] not in res.text
+
+    def test_order_is_stable(self, chat_server):
+        first = requests.get(chat_server.base_url + "/chat/roles", timeout=5).json()
+        second = requests.get(chat_server.base_url + "/chat/roles", timeout=5).json()
+        assert first == second
+
+
+class TestStream:
+    def test_relays_frames_and_stores_both_messages(self, user, fake_llm):
+        res = stream(user, {"role_code": "naitang", "message": "今天有点累。"})
+        assert res.status_code == 200
+        assert res.headers["Content-Type"] == "text/event-stream; charset=utf-8"
+        assert res.headers["Cache-Control"].startswith("no-cache")
+        assert res.headers["X-Accel-Buffering"] == "no"
+        payloads = read_stream(res)
+        assert payloads[-1] == "[DONE]"
+        frames = [json.loads(p) for p in payloads[:-1]]
+        assert all(frame["object"] == "chat.completion.chunk" for frame in frames)
+        reply = frame_text(payloads)
+        assert "本地替身模型" in reply and "今天有点累" in reply
+        # Right after [DONE] the history already holds the reply (the contract's flow refreshes here).
+        messages = history(user)
+        assert [(m["sender_role"], m["content"], m["is_partial"]) for m in messages] == [
+            ("user", "今天有点累。", False),
+            ("assistant", reply, False),
+        ]
+        assert messages[0]["id"] < messages[1]["id"]
+        assert all(TIMESTAMP.fullmatch(m["created_at"]) and m["has_image"] is False for m in messages)
+
+    def test_frames_are_forwarded_unchanged(self, user, fake_llm):
+        fake_llm.enqueue(chunks=["你", "好", "呀"])
+        res = stream(user, {"role_code": "naitang", "message": "hi"})
+        raw = res.content.decode()
+        events = [e for e in raw.split("\n\n") if e]
+        assert all(e.startswith("data: ") for e in events)
+        assert events[-1] == "data: [DONE]"
+        # Each frame carries the fake upstream's own fields (x_sent_at, id), byte for byte.
+        first = json.loads(events[1][6:])
+        assert first["choices"][0]["delta"]["content"] == "你" and "x_sent_at" in first
+        assert first["id"].startswith("chatcmpl-")
+
+    def test_frames_arrive_incrementally(self, user, fake_llm):
+        fake_llm.enqueue(chunks=["一", "二", "三", "四", "五"], delay=0.3)
+        start = time.monotonic()
+        res = stream(user, {"role_code": "naitang", "message": "数数"})
+        arrivals = [(t, p) for t, p in sse_events(res)]
+        first_content = next(t for t, p in arrivals if p != "[DONE]" and frame_text([p]))
+        # The first frame is in the client's hands long before the upstream sends its last one.
+        assert first_content - start < 0.9
+        assert arrivals[-1][0] - first_content > 0.9
+
+    def test_upstream_request(self, user, fake_llm, chat_server):
+        chat_once(user, {"role_code": "naitang", "message": "第一句"})
+        fake_llm.reset()
+        chat_once(user, {"role_code": "naitang", "message": "第二句", "temperature": 0.8, "max_tokens": 100})
+        (sent,) = fake_llm.requests
+        assert sent["headers"]["Authorization"] == "Bearer test-llm-key"
+        body = sent["body"]
+        assert body["stream"] is True and body["model"] == "qwen-plus"
+        assert body["temperature"] == 0.8 and body["max_tokens"] == 100
+        messages = body["messages"]
+        assert messages[0] == {"role": "system", "content": NAITANG_PROMPT}
+        assert [m["role"] for m in messages[1:]] == ["user", "assistant", "user"]
+        assert messages[1]["content"] == "第一句" and messages[-1] == {"role": "user", "content": "第二句"}
+        # The hidden prompt and the user's words never reach the service log.
+        log = chat_server.log()
+        assert NAITANG_PROMPT[:15] not in log and "第二句" not in log
+
+    def test_legacy_prompt_and_message_wins(self, user, fake_llm):
+        chat_once(user, {"role_code": "naitang", "prompt": "旧字段"})
+        chat_once(user, {"role_code": "naitang", "prompt": "旧字段2", "message": "新字段"})
+        assert fake_llm.requests[0]["body"]["messages"][-1]["content"] == "旧字段"
+        assert fake_llm.requests[1]["body"]["messages"][-1]["content"] == "新字段"
+
+    def test_image_is_sent_as_data_url_only_this_turn(self, user, fake_llm):
+        b64 = base64.b64encode(PNG).decode()
+        # The hint says jpeg; the bytes say png, and the bytes win.
+        payloads = chat_once(
+            user, {"role_code": "naitang", "message": "看图", "image_base64": b64, "image_mime_type": "image/jpeg"}
+        )
+        assert payloads[-1] == "[DONE]"
+        body = fake_llm.requests[0]["body"]
+        assert body["model"] == "qwen-vl-plus"
+        turn = body["messages"][-1]
+        assert turn["content"] == [
+            {"type": "text", "text": "看图"},
+            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b64}"}},
+        ]
+        # Image-only, with a data: prefix; the earlier image is not sent again.
+        chat_once(
+            user, {"role_code": "naitang", "image_base64": "data:image/jpeg;base64," + base64.b64encode(JPEG).decode()}
+        )
+        body = fake_llm.requests[1]["body"]
+        images = [m for m in body["messages"] if isinstance(m["content"], list)]
+        assert len(images) == 1 and images[0]["content"] == [
+            {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + base64.b64encode(JPEG).decode()}}
+        ]
+        stored = history(user)
+        assert [(m["sender_role"], m["has_image"]) for m in stored] == [
+            ("user", True),
+            ("assistant", False),
+            ("user", True),
+            ("assistant", False),
+        ]
+        assert stored[2]["content"] == ""
+
+    def test_history_budget_keeps_the_newest_turns(self, start_server, db_url, fake_llm, new_user):
+        server = start_server("chat", **chat_env(fake_llm, db_url, AICHAT_HISTORY_BUDGET_CHARS=12))
+        _, token = new_user()
+        client = Client(server.base_url, token=token)
+        for text in ("一二三四五六", "七八九十", "甲乙"):
+            fake_llm.enqueue(chunks=["好"])
+            chat_once(client, {"role_code": "naitang", "message": text})
+        fake_llm.reset()
+        chat_once(client, {"role_code": "naitang", "message": "最后"})
+        messages = fake_llm.requests[0]["body"]["messages"]
+        # Newest first, 12 characters fit: 好 甲乙 好 七八九十 好 (9 so far); 一二三四五六 (6 more) does not.
+        assert [m["content"] for m in messages[1:]] == ["好", "七八九十", "好", "甲乙", "好", "最后"]
+        assert messages[0]["role"] == "system"
+
+    def test_emoji_round_trip(self, user, fake_llm):
+        fake_llm.enqueue(chunks=["喵", "😺", "🐟"])
+        payloads = chat_once(user, {"role_code": "naitang", "message": "给你小鱼干 🐟😺"})
+        assert frame_text(payloads) == "喵😺🐟"
+        assert [m["content"] for m in history(user)] == ["给你小鱼干 🐟😺", "喵😺🐟"]
+
+
+class TestUpstreamFailures:
+    @pytest.mark.parametrize(
+        ("status", "code"), [(401, "UpstreamHTTPError"), (429, "UpstreamHTTPError"), (500, "UpstreamHTTPError")]
+    )
+    def test_refused_before_streaming(self, user, fake_llm, status, code):
+        fake_llm.enqueue(status=status)
+        res = user.post("/chat/stream", {"role_code": "naitang", "message": "在吗"})
+        body = assert_error(res, 502, code)
+        assert str(status) in body["message"]
+        # The user's message is kept.
+        assert [(m["sender_role"], m["content"]) for m in history(user)] == [("user", "在吗")]
+
+    def test_connection_refused(self, start_server, db_url, fake_llm, new_user):
+        server = start_server(
+            "chat", **chat_env(fake_llm, db_url, AICHAT_LLM_BASE_URL=f"http://127.0.0.1:{free_port()}")
+        )
+        client = Client(server.base_url, token=new_user()[1])
+        assert_error(client.post("/chat/stream", {"role_code": "naitang", "message": "x"}), 502, "NetworkError")
+
+    def test_read_timeout_before_first_byte(self, start_server, db_url, fake_llm, new_user):
+        server = start_server("chat", **chat_env(fake_llm, db_url, AICHAT_LLM_READ_TIMEOUT="0.5"))
+        _, token = new_user()
+        client = Client(server.base_url, token=token)
+        fake_llm.enqueue(first_byte_delay=3)
+        res = client.post("/chat/stream", {"role_code": "naitang", "message": "慢"})
+        assert_error(res, 504, "NetworkError")
+        assert res.elapsed.total_seconds() < 2.5
+
+    @pytest.mark.parametrize(
+        ("script", "code"),
+        [
+            ({"chunks": ["一", "二", "三", "四"], "drop_after": 2}, "NetworkError"),
+            ({"chunks": ["一", "二", "三", "四"], "malformed_after": 2}, "UpstreamHTTPError"),
+            ({"chunks": ["一", "二", "三", "四"], "overlong_after": 2}, "UpstreamHTTPError"),
+        ],
+    )
+    def test_mid_stream_failure_sends_fallback_and_keeps_partial(self, user, fake_llm, script, code):
+        fake_llm.enqueue(**script)
+        payloads = chat_once(user, {"role_code": "naitang", "message": "讲个故事"})
+        assert payloads[-1] == "[DONE]"
+        fallback = json.loads(payloads[-2])
+        assert fallback["error"]["code"] == code and fallback["error"]["message"]
+        assert fallback["choices"][0]["delta"]["content"]
+        messages = history(user)
+        assert (messages[0]["sender_role"], messages[0]["content"]) == ("user", "讲个故事")
+        assert messages[1]["sender_role"] == "assistant" and messages[1]["is_partial"] is True
+        assert messages[1]["content"] == "一二"
+
+    def test_stream_without_done_after_finish_is_complete(self, user, fake_llm):
+        fake_llm.enqueue(chunks=["好", "的"], no_done=True)
+        payloads = chat_once(user, {"role_code": "naitang", "message": "嗯"})
+        assert payloads[-1] == "[DONE]" and frame_text(payloads) == "好的"
+        assert history(user)[1]["is_partial"] is False
+
+    def test_client_disconnect_keeps_partial(self, user, fake_llm):
+        fake_llm.enqueue(chunks=["一", "二", "三", "四", "五", "六"], delay=0.3)
+        res = stream(user, {"role_code": "naitang", "message": "别走"})
+        events = sse_events(res)
+        next(events)
+        next(events)
+        res.close()  # the user closes the page
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            messages = history(user)
+            if len(messages) == 2:
+                break
+            time.sleep(0.1)
+        assert messages[0]["content"] == "别走"
+        assert messages[1]["is_partial"] is True and messages[1]["content"] in ("一", "一二", "一二三")
+
+
+class TestValidation:
+    @pytest.mark.parametrize(
+        ("body", "status", "code"),
+        [
+            ({"message": "hi"}, 400, "InvalidInput"),
+            ({"role_code": 1, "message": "hi"}, 400, "InvalidInput"),
+            ({"role_code": "nobody", "message": "hi"}, 404, "RoleNotFound"),
+            ({"role_code": "naitang"}, 400, "InvalidInput"),
+            ({"role_code": "naitang", "message": "   "}, 400, "InvalidInput"),
+            ({"role_code": "naitang", "message": 5}, 400, "InvalidInput"),
+            ({"role_code": "naitang", "message": "x" * 4001}, 400, "InvalidInput"),
+            ({"role_code": "naitang", "message": "hi", "temperature": 2.5}, 400, "InvalidInput"),
+            ({"role_code": "naitang", "message": "hi", "temperature": "0.5"}, 400, "InvalidInput"),
+            ({"role_code": "naitang", "message": "hi", "temperature": True}, 400, "InvalidInput"),
+            ({"role_code": "naitang", "message": "hi", "top_p": 0}, 400, "InvalidInput"),
+            ({"role_code": "naitang", "message": "hi", "top_p": 1.5}, 400, "InvalidInput"),
+            ({"role_code": "naitang", "message": "hi", "max_tokens": 0}, 400, "InvalidInput"),
+            ({"role_code": "naitang", "message": "hi", "max_tokens": 8193}, 400, "InvalidInput"),
+            ({"role_code": "naitang", "message": "hi", "max_tokens": 10.5}, 400, "InvalidInput"),
+            ({"role_code": "naitang", "message": "hi", "presence_penalty": -2.1}, 400, "InvalidInput"),
+            ({"role_code": "naitang", "message": "hi", "frequency_penalty": 3}, 400, "InvalidInput"),
+            ({"role_code": "naitang", "image_base64": "not base64!!"}, 400, "InvalidImage"),
+            ({"role_code": "naitang", "image_base64": base64.b64encode(b"hello world").decode()}, 400, "InvalidImage"),
+            ({"role_code": "naitang", "image_base64": 12}, 400, "InvalidImage"),
+            ({"role_code": "naitang", "image_base64": base64.b64encode(PNG).decode()[:-2]}, 400, "InvalidImage"),
+        ],
+    )
+    def test_rejects(self, user, fake_llm, body, status, code):
+        assert_error(user.post("/chat/stream", body), status, code)
+        assert fake_llm.requests == []
+        assert history(user) == []
+
+    def test_accepts_edges(self, user, fake_llm):
+        body = {
+            "role_code": "naitang",
+            "message": "x" * 4000,
+            "temperature": 0,
+            "top_p": 1,
+            "max_tokens": 8192,
+            "presence_penalty": -2,
+            "frequency_penalty": 2,
+        }
+        assert chat_once(user, body)[-1] == "[DONE]"
+
+    def test_image_size_cap(self, start_server, db_url, fake_llm, new_user):
+        server = start_server("chat", **chat_env(fake_llm, db_url, AICHAT_IMAGE_MAX_BYTES=1024))
+        client = Client(server.base_url, token=new_user()[1])
+        big = base64.b64encode(PNG + b"\x00" * 2048).decode()
+        assert_error(client.post("/chat/stream", {"role_code": "naitang", "image_base64": big}), 400, "InvalidImage")
+
+    def test_missing_api_key(self, start_server, db_url, new_user):
+        server = start_server("chat", AICHAT_DB_URL=db_url, AICHAT_ROLES_FILE=ROLES_FILE)
+        client = Client(server.base_url, token=new_user()[1])
+        assert_error(client.post("/chat/stream", {"role_code": "naitang", "message": "hi"}), 500, "MissingApiKey")
+
+
+class TestAuth:
+    def tokens(self, uid: str) -> dict[str, str | None]:
+        now = int(time.time())
+        good = {"sub": uid, "iat": now, "exp": now + 600}
+        return {
+            "missing": None,
+            "garbage": "Bearer not-a-jwt",
+            "wrong scheme": "Basic " + jwt.encode(good, TEST_SECRET, algorithm="HS256"),
+            "foreign secret": "Bearer " + jwt.encode(good, "another-secret-" + "y" * 40, algorithm="HS256"),
+            "expired": "Bearer "
+            + jwt.encode({**good, "iat": now - 700, "exp": now - 100}, TEST_SECRET, algorithm="HS256"),
+            "no exp": "Bearer " + jwt.encode({"sub": uid, "iat": now}, TEST_SECRET, algorithm="HS256"),
+            "no sub": "Bearer " + jwt.encode({"iat": now, "exp": now + 600}, TEST_SECRET, algorithm="HS256"),
+            "alg none": "Bearer "
+            + base64.urlsafe_b64encode(b'{"alg":"none","typ":"JWT"}').rstrip(b"=").decode()
+            + "."
+            + base64.urlsafe_b64encode(json.dumps(good).encode()).rstrip(b"=").decode()
+            + ".",
+            "unknown user": "Bearer " + jwt.encode({**good, "sub": "0" * 24}, TEST_SECRET, algorithm="HS256"),
+        }
+
+    @pytest.mark.parametrize(
+        "case",
+        [
+            "missing",
+            "garbage",
+            "wrong scheme",
+            "foreign secret",
+            "expired",
+            "no exp",
+            "no sub",
+            "alg none",
+            "unknown user",
+        ],
+    )
+    def test_rejected(self, chat_server, new_user, fake_llm, case):
+        uid, _ = new_user()
+        header = self.tokens(uid)[case]
+        headers = {"Authorization": header} if header else {}
+        base = chat_server.base_url
+        for method, path, body in [
+            ("post", "/chat/stream", {"role_code": "naitang", "message": "hi"}),
+            ("get", "/chat/history?role_code=naitang", None),
+            ("post", "/chat/clear", {"role_code": "naitang"}),
+        ]:
+            res = getattr(requests, method)(base + path, json=body, headers=headers, timeout=10)
+            assert_error(res, 401, "Unauthorized")
+        assert fake_llm.requests == []
+
+    def test_roles_need_no_token(self, chat_server):
+        assert requests.get(chat_server.base_url + "/chat/roles", timeout=5).status_code == 200
+
+
+class TestHistoryAndClear:
+    def test_history_errors(self, user):
+        assert_error(user.get("/chat/history"), 400, "InvalidInput")
+        assert_error(user.get("/chat/history", params={"role_code": "nobody"}), 404, "RoleNotFound")
+
+    def test_clear_errors(self, user):
+        assert_error(user.post("/chat/clear", {}), 400, "InvalidInput")
+        assert_error(user.post("/chat/clear", {"role_code": "nobody"}), 404, "RoleNotFound")
+
+    def test_users_and_roles_are_isolated(self, chat_server, new_user, fake_llm):
+        alice = Client(chat_server.base_url, token=new_user()[1])
+        bob = Client(chat_server.base_url, token=new_user()[1])
+        chat_once(alice, {"role_code": "naitang", "message": "我是 Alice"})
+        chat_once(alice, {"role_code": "wanqing", "message": "杭州现在天气怎么样?"})
+        chat_once(bob, {"role_code": "naitang", "message": "我是 Bob"})
+        assert [m["content"] for m in history(bob) if m["sender_role"] == "user"] == ["我是 Bob"]
+        # Bob clearing naitang leaves Alice's conversations alone.
+        res = bob.post("/chat/clear", {"role_code": "naitang"})
+        assert res.json() == {"success": True, "message": "当前聊天已清空", "deleted_count": 2}
+        assert history(bob) == []
+        assert len(history(alice)) == 2 and len(history(alice, "wanqing")) == 2
+        # Alice clearing naitang leaves her wanqing conversation.
+        assert alice.post("/chat/clear", {"role_code": "naitang"}).json()["deleted_count"] == 2
+        assert history(alice) == [] and len(history(alice, "wanqing")) == 2
+        assert alice.post("/chat/clear", {"role_code": "naitang"}).json()["deleted_count"] == 0
+
+    def test_cors_preflight_for_stream(self, chat_server):
+        res = requests.options(
+            chat_server.base_url + "/chat/stream",
+            headers={"Origin": "http://localhost:8080", "Access-Control-Request-Method": "POST"},
+            timeout=5,
+        )
+        assert res.status_code == 204 and "Authorization" in res.headers["Access-Control-Allow-Headers"]
