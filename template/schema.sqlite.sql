@@ -6,3 +6,9 @@ CREATE TABLE IF NOT EXISTS verification_codes ( id INTEGER PRIMARY KEY AUTOINCRE
 CREATE INDEX IF NOT EXISTS ix_codes_phone ON verification_codes (phone_number, country_code, id);
 CREATE INDEX IF NOT EXISTS ix_codes_ip ON verification_codes (client_ip, created_at);
 CREATE TABLE IF NOT EXISTS send_cooldowns ( phone_key TEXT PRIMARY KEY, until_ms INTEGER NOT NULL);
+
+-- migration 2: roles and chat messages
+CREATE TABLE IF NOT EXISTS roles ( role_code TEXT PRIMARY KEY, nickname TEXT NOT NULL, intro TEXT NOT NULL, avatar_url TEXT NOT NULL, background_url TEXT NOT NULL, opening_message TEXT NOT NULL, system_prompt TEXT NOT NULL, sort_order INTEGER NOT NULL, enabled INTEGER NOT NULL, updated_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS app_meta ( meta_key TEXT PRIMARY KEY, meta_value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS messages ( id INTEGER PRIMARY KEY AUTOINCREMENT, uid TEXT NOT NULL, role_code TEXT NOT NULL, sender_role TEXT NOT NULL, content TEXT NOT NULL, has_image INTEGER NOT NULL DEFAULT 0, is_partial INTEGER NOT NULL DEFAULT 0, created_at INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS ix_messages_conversation ON messages (uid, role_code, id);

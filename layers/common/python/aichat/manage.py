@@ -1,4 +1,4 @@
-"""Operator commands: `python -m aichat.manage migrate|ddl <sqlite|mysql>`."""
+"""Operator commands: `python -m aichat.manage migrate | load-roles FILE | ddl <sqlite|mysql>`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 
 from .config import ConfigError, load_settings
 from .logs import configure_logging
+from .roles import read_roles_file, sync_roles
 from .store import Database, ddl
 
 
@@ -15,6 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m aichat.manage")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("migrate", help="create or upgrade the schema in AICHAT_DB_URL")
+    roles_cmd = sub.add_parser("load-roles", help="sync the role catalogue in AICHAT_DB_URL from a roles.json")
+    roles_cmd.add_argument("file", help="e.g. template/roles.json")
     ddl_cmd = sub.add_parser("ddl", help="print the schema as SQL")
     ddl_cmd.add_argument("dialect", choices=["sqlite", "mysql"])
     args = parser.parse_args(argv)
@@ -32,9 +35,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging(settings.log_level)
     db = Database(settings.db_url, connect_timeout_s=settings.db_connect_timeout_s, auto_migrate=False)
-    applied = db.migrate()
-    sys.stdout.write(f"migrated {settings.db_url.split('@')[-1]}: applied {applied or 'nothing (up to date)'}\n")
-    db.close()
+    where = settings.db_url.split("@")[-1]  # never print a password
+    try:
+        applied = db.migrate()
+        sys.stdout.write(f"migrated {where}: applied {applied or 'nothing (up to date)'}\n")
+        if args.command == "load-roles":
+            roles = read_roles_file(args.file)
+            sync_roles(db, roles)
+            sys.stdout.write(f"loaded {len(roles)} roles into {where}: {', '.join(r.role_code for r in roles)}\n")
+    finally:
+        db.close()
     return 0
 
 

@@ -1,0 +1,94 @@
+"""Settings parsing, the operator templates kept in step with the code, and the management command."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from aichat import config
+from aichat.config import ENV_VARS, FALLBACK_KEY_VAR, RUNNER_ENV_VARS, ConfigError, load_settings
+from aichat.store import ddl
+
+from tests.servers import LAYER, ROOT
+
+BASE = {"AICHAT_JWT_SECRET": "s" * 40}
+
+
+def test_defaults():
+    settings = load_settings(BASE)
+    assert settings.env == "local" and settings.jwt_ttl_s == 604800
+    assert settings.test_account == config.TestAccount("86", "10086", "1234")
+    assert settings.cors_origins == ("*",) and settings.trust_proxy is False
+    assert settings.login_body_limit == 64 * 1024
+
+
+@pytest.mark.parametrize(
+    ("env", "field", "expected"),
+    [
+        ({"AICHAT_TEST_ACCOUNT": "off"}, "test_account", None),
+        ({"AICHAT_TEST_ACCOUNT": "852:91234567:8888"}, "test_account", config.TestAccount("852", "91234567", "8888")),
+        ({"AICHAT_TRUST_PROXY": "yes"}, "trust_proxy", True),
+        (
+            {"AICHAT_CORS_ORIGINS": "https://a.example, https://b.example"},
+            "cors_origins",
+            ("https://a.example", "https://b.example"),
+        ),
+        ({"AICHAT_LLM_BASE_URL": "http://x/v1/"}, "llm_base_url", "http://x/v1"),
+        ({FALLBACK_KEY_VAR: "dk"}, "llm_api_key", "dk"),
+        ({FALLBACK_KEY_VAR: "dk", "AICHAT_LLM_API_KEY": "ak"}, "llm_api_key", "ak"),
+    ],
+)
+def test_parsing(env, field, expected):
+    assert getattr(load_settings({**BASE, **env}), field) == expected
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"AICHAT_JWT_SECRET": ""},
+        {"AICHAT_CODE_TTL": "soon"},
+        {"AICHAT_CODE_TTL": "0"},
+        {"AICHAT_TRUST_PROXY": "maybe"},
+        {"AICHAT_TEST_ACCOUNT": "10086"},
+        {"AICHAT_DB_URL": "postgres://x"},
+        {"AICHAT_TIMEZONE": "Mars/Olympus"},
+        {"AICHAT_SMS_PROVIDER": "pigeon"},
+    ],
+)
+def test_invalid_settings_are_refused(env):
+    with pytest.raises(ConfigError):
+        load_settings({**BASE, **env})
+
+
+def test_secrets_stay_out_of_repr():
+    settings = load_settings({**BASE, "AICHAT_LLM_API_KEY": "sk-secret-value"})
+    assert "sk-secret-value" not in repr(settings) and "s" * 40 not in repr(settings)
+
+
+def test_env_example_documents_every_variable():
+    text = (ROOT / "template" / "env.example").read_text(encoding="utf-8")
+    documented = set(re.findall(r"^([A-Z][A-Z0-9_]+)=", text, flags=re.M))
+    assert documented == set(ENV_VARS) | set(RUNNER_ENV_VARS) - {"FC_SERVER_PORT"}
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "mysql"])
+def test_schema_templates_match_the_migrations(dialect):
+    committed = (ROOT / "template" / f"schema.{dialect}.sql").read_text(encoding="utf-8")
+    assert committed == ddl(dialect), "run `make schema`"
+
+
+def test_manage_migrate_and_load_roles(tmp_path):
+    env = {"AICHAT_JWT_SECRET": "s" * 40, "AICHAT_DB_URL": f"sqlite:///{tmp_path / 'a.db'}", "PYTHONPATH": str(LAYER)}
+    run = [sys.executable, "-m", "aichat.manage"]
+    first = subprocess.run([*run, "migrate"], env=env, capture_output=True, text=True, check=True)
+    assert "applied [1, 2]" in first.stdout
+    again = subprocess.run([*run, "migrate"], env=env, capture_output=True, text=True, check=True)
+    assert "nothing" in again.stdout
+    roles = subprocess.run(
+        [*run, "load-roles", str(ROOT / "template" / "roles.json")], env=env, capture_output=True, text=True, check=True
+    )
+    assert "naitang" in roles.stdout and "wanqing" in roles.stdout
+    assert Path(tmp_path / "a.db").exists()
