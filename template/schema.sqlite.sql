@@ -12,3 +12,9 @@ CREATE TABLE IF NOT EXISTS roles ( role_code TEXT PRIMARY KEY, nickname TEXT NOT
 CREATE TABLE IF NOT EXISTS app_meta ( meta_key TEXT PRIMARY KEY, meta_value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS messages ( id INTEGER PRIMARY KEY AUTOINCREMENT, uid TEXT NOT NULL, role_code TEXT NOT NULL, sender_role TEXT NOT NULL, content TEXT NOT NULL, has_image INTEGER NOT NULL DEFAULT 0, is_partial INTEGER NOT NULL DEFAULT 0, created_at INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS ix_messages_conversation ON messages (uid, role_code, id);
+
+-- migration 3: chat rate limits
+CREATE TABLE IF NOT EXISTS chat_events ( id INTEGER PRIMARY KEY AUTOINCREMENT, uid TEXT NOT NULL, created_at INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS ix_chat_events_uid ON chat_events (uid, created_at);
+CREATE TABLE IF NOT EXISTS stream_slots ( id INTEGER PRIMARY KEY AUTOINCREMENT, uid TEXT NOT NULL, expires_at INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS ix_stream_slots_uid ON stream_slots (uid, expires_at);

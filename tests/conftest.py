@@ -92,6 +92,8 @@ def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
         return server.wait_ready("/health" if function == "login" else "/chat/roles")
 
     yield start
+    for server in started:  # all at once, so lingering ones overlap their waits
+        server.signal_stop()
     for server in started:
         server.stop()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -82,15 +83,19 @@ class ServerProcess:
         self._log.flush()
         return self.log_path.read_text(errors="replace")
 
-    def stop(self) -> None:
-        """Stop the server and wait for it."""
+    def signal_stop(self) -> None:
+        """Ask the server to quit now (SIGINT is gunicorn's quick shutdown: no waiting for open streams)."""
         if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            self.proc.send_signal(signal.SIGINT)
+
+    def stop(self, timeout_s: float = 3) -> None:
+        """Stop the server and wait for it, killing it if it lingers (e.g. threads stuck on a hung upstream)."""
+        self.signal_stop()
+        try:
+            self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
         self._log.close()
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from aichat import config
 from aichat.config import ENV_VARS, FALLBACK_KEY_VAR, RUNNER_ENV_VARS, ConfigError, load_settings
-from aichat.store import ddl
+from aichat.store import MIGRATIONS, ddl
 
 from tests.servers import LAYER, ROOT
 
@@ -84,7 +84,7 @@ def test_manage_migrate_and_load_roles(tmp_path):
     env = {"AICHAT_JWT_SECRET": "s" * 40, "AICHAT_DB_URL": f"sqlite:///{tmp_path / 'a.db'}", "PYTHONPATH": str(LAYER)}
     run = [sys.executable, "-m", "aichat.manage"]
     first = subprocess.run([*run, "migrate"], env=env, capture_output=True, text=True, check=True)
-    assert "applied [1, 2]" in first.stdout
+    assert f"applied {[m[0] for m in MIGRATIONS]}" in first.stdout
     again = subprocess.run([*run, "migrate"], env=env, capture_output=True, text=True, check=True)
     assert "nothing" in again.stdout
     roles = subprocess.run(

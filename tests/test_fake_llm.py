@@ -218,14 +218,15 @@ def _conn_threads(exclude: set[threading.Thread] = frozenset()) -> list[threadin
 
 def test_hang_ends_when_client_leaves(fake: FakeLLM, http: requests.Session) -> None:
     """A hanging stream's handler thread exits soon after the client closes the connection."""
+    before = set(threading.enumerate())
     fake.enqueue(chunks=["a", "b"], hang_after=1)
     with _chat(http, fake.base_url) as resp:
         next(line for line in resp.iter_lines(decode_unicode=True) if '"content":"a"' in line)
     http.close()
     deadline = time.monotonic() + 1.0
-    while any(t.name == "fake-llm-conn" for t in _conn_threads()) and time.monotonic() < deadline:
+    while any(t.name == "fake-llm-conn" for t in _conn_threads(before)) and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert not any(t.name == "fake-llm-conn" for t in _conn_threads())
+    assert not any(t.name == "fake-llm-conn" for t in _conn_threads(before))
 
 
 def test_stop_is_prompt_during_hang(http: requests.Session) -> None:

@@ -59,4 +59,6 @@ app = create_app(
     settings=settings,
     body_limit=settings.chat_body_limit,
     user_exists=partial(user_exists, db),
+    on_initialize=db.warm,
+    on_pre_stop=db.close,
 )

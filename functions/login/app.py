@@ -32,4 +32,11 @@ ROUTES = [
     Route("login", "POST", "/login", "none", login),
 ]
 
-app = create_app(service="login", routes=ROUTES, settings=settings, body_limit=settings.login_body_limit)
+app = create_app(
+    service="login",
+    routes=ROUTES,
+    settings=settings,
+    body_limit=settings.login_body_limit,
+    on_initialize=db.warm,
+    on_pre_stop=db.close,
+)

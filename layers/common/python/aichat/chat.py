@@ -50,6 +50,9 @@ FALLBACK_MESSAGES = {
     "InternalError": "服务内部异常",
 }
 IMAGE_ONLY_PLACEHOLDER = "[图片]"
+MINUTE_MS = 60_000
+# A client over the concurrent-stream limit can retry as soon as one of its streams ends.
+STREAM_RETRY_AFTER_S = 3
 
 
 @dataclass(frozen=True)
@@ -177,8 +180,8 @@ class Chat:
         return ChatImage(mime_type=mime_type, base64_data=data.decode("ascii"), size=len(decoded))
 
     # -- streaming ---------------------------------------------------------------------------------
-    def stream(self, uid: str, body: dict[str, Any]) -> Iterator[bytes]:
-        """Validate, store the user's message, open the upstream and return the SSE relay.
+    def stream(self, uid: str, body: dict[str, Any]) -> StreamRelay:
+        """Validate, enforce the user's limits, store the message, open the upstream; return the SSE relay.
 
         Errors before the first frame are raised as ApiError (JSON responses); after that, the relay
         reports them in-band.
@@ -187,13 +190,17 @@ class Chat:
         request = self.parse(body)
         if not self.llm.api_key:
             raise ApiError("MissingApiKey")
-        history, message_id = self._store_user_message(uid, request)
+        history, message_id, slot_id = self._accept(uid, request)
         payload = {
             "model": self.settings.llm_vision_model if request.image else self.settings.llm_model,
             "messages": self.build_messages(request, history),
             **request.params,
         }
-        upstream = self.llm.open_stream(payload)
+        try:
+            upstream = self.llm.open_stream(payload)
+        except BaseException:
+            self._release_slot(slot_id)
+            raise
         log.info(
             "stream opened",
             extra={
@@ -203,23 +210,57 @@ class Chat:
                 "model": payload["model"],
             },
         )
-        return self._relay(uid, request.role.role_code, upstream, started)
+        return StreamRelay(
+            self, uid=uid, role_code=request.role.role_code, upstream=upstream, slot_id=slot_id, started=started
+        )
 
-    def _store_user_message(self, uid: str, request: ChatRequest) -> tuple[list[Row], int]:
-        """Read the recent history and store the new user message, in one transaction."""
+    def _accept(self, uid: str, request: ChatRequest) -> tuple[list[Row], int, int]:
+        """In one transaction: check the user's rate limits, take a stream slot, store the message.
+
+        Returns the recent history (oldest first), the stored message's id and the slot's id.
+        """
+        s = self.settings
+        now = now_ms()
         with self.db.tx() as tx:
+            # Lock the user's row so one user's concurrent requests are counted one at a time.
+            tx.one("SELECT uid FROM users WHERE uid = ?" + tx.for_update, (uid,))
+            tx.execute("DELETE FROM stream_slots WHERE uid = ? AND expires_at <= ?", (uid, now))
+            open_streams = tx.one("SELECT COUNT(*) AS n FROM stream_slots WHERE uid = ?", (uid,))
+            if open_streams and open_streams["n"] >= s.chat_max_concurrent_streams:
+                raise ApiError("RateLimited", "同时进行的对话过多，请等当前回复结束", retry_after=STREAM_RETRY_AFTER_S)
+            window = tx.one(
+                "SELECT COUNT(*) AS n, MIN(created_at) AS oldest FROM chat_events WHERE uid = ? AND created_at > ?",
+                (uid, now - MINUTE_MS),
+            )
+            if window and window["n"] >= s.chat_messages_per_minute:
+                retry = -(-(window["oldest"] + MINUTE_MS - now) // 1000)
+                raise ApiError("RateLimited", "发送太快了，请稍后再试", retry_after=max(1, retry))
+            # Events older than the window are never read again; trimming here keeps the table small.
+            tx.execute("DELETE FROM chat_events WHERE uid = ? AND created_at <= ?", (uid, now - MINUTE_MS))
+            tx.insert("INSERT INTO chat_events (uid, created_at) VALUES (?, ?)", (uid, now))
+            slot_id = tx.insert(
+                "INSERT INTO stream_slots (uid, expires_at) VALUES (?, ?)", (uid, now + s.stream_lease_s * 1000)
+            )
             history = tx.all(
                 "SELECT sender_role, content, has_image FROM messages WHERE uid = ? AND role_code = ?"
                 " ORDER BY id DESC LIMIT ?",
-                (uid, request.role.role_code, self.settings.history_max_messages),
+                (uid, request.role.role_code, s.history_max_messages),
             )
             message_id = tx.insert(
                 "INSERT INTO messages (uid, role_code, sender_role, content, has_image, is_partial, created_at)"
                 " VALUES (?, ?, 'user', ?, ?, 0, ?)",
-                (uid, request.role.role_code, request.text, int(request.image is not None), now_ms()),
+                (uid, request.role.role_code, request.text, int(request.image is not None), now),
             )
         history.reverse()
-        return history, message_id
+        return history, message_id, slot_id
+
+    def _release_slot(self, slot_id: int) -> None:
+        """Free a stream slot; if the database is down the lease frees it later."""
+        try:
+            with self.db.tx() as tx:
+                tx.execute("DELETE FROM stream_slots WHERE id = ?", (slot_id,))
+        except ApiError:
+            log.error("could not release a stream slot", extra={"slot_id": slot_id})
 
     def build_messages(self, request: ChatRequest, history: list[Row]) -> list[dict[str, Any]]:
         """The upstream context: the role's hidden prompt, the newest history within budget, the new turn."""
@@ -244,61 +285,8 @@ class Chat:
             turn = {"role": "user", "content": parts}
         return [{"role": "system", "content": request.role.system_prompt}, *picked, turn]
 
-    def _relay(self, uid: str, role_code: str, upstream: UpstreamStream, started: float) -> Iterator[bytes]:
-        """Forward every upstream frame as it arrives; store the reply before [DONE], or what arrived if cut."""
-        parts: list[str] = []
-        saved = False
-        outcome = "client_gone"
-        frames = 0
-        try:
-            try:
-                finished = False
-                for payload in upstream.frames():
-                    try:
-                        frame = json.loads(payload)
-                    except ValueError as exc:
-                        raise StreamBroken("UpstreamHTTPError", "malformed upstream frame") from exc
-                    if isinstance(frame, dict):
-                        if frame.get("error") and not frame.get("choices"):
-                            raise StreamBroken("UpstreamHTTPError", "upstream reported an error mid-stream")
-                        for choice in frame.get("choices") or ():
-                            delta = choice.get("delta") or {}
-                            if isinstance(delta.get("content"), str):
-                                parts.append(delta["content"])
-                            finished = finished or bool(choice.get("finish_reason"))
-                    frames += 1
-                    yield b"data: " + payload + b"\n\n"
-                if not (upstream.done or finished):
-                    raise StreamBroken("NetworkError", "upstream ended before finishing")
-            except StreamBroken as exc:
-                outcome = f"broken:{exc.code}"
-                log.warning("upstream stream broke", extra={"uid": uid, "reason": exc.reason, "frames": frames})
-                saved = True
-                self._save_reply(uid, role_code, parts, partial=True)
-                yield fallback_frame(exc.code)
-                yield DONE_FRAME
-                return
-            saved = True
-            self._save_reply(uid, role_code, parts, partial=False)
-            outcome = "complete"
-            yield DONE_FRAME
-        except ApiError as exc:
-            # Storing the reply failed; tell the client in-band, the stream has already started.
-            outcome = f"error:{exc.code}"
-            yield fallback_frame(exc.code)
-            yield DONE_FRAME
-        finally:
-            upstream.close()
-            if not saved:
-                # The client went away (or something unexpected happened): keep what arrived.
-                try:
-                    self._save_reply(uid, role_code, parts, partial=True)
-                except ApiError:
-                    log.error("could not store a partial reply", extra={"uid": uid})
-            log_stream_end("chat_stream", uid, started, outcome=outcome, frames=frames)
-
-    def _save_reply(self, uid: str, role_code: str, parts: list[str], *, partial: bool) -> None:
-        content = "".join(parts)
+    def save_reply(self, uid: str, role_code: str, content: str, *, partial: bool) -> None:
+        """Store an assistant reply (a partial one only if something arrived)."""
         if partial and not content:
             return  # nothing arrived: an empty bubble would only confuse the history
         with self.db.tx() as tx:
@@ -341,3 +329,96 @@ class Chat:
             deleted = tx.execute("DELETE FROM messages WHERE uid = ? AND role_code = ?", (uid, role.role_code))
         log.info("conversation cleared", extra={"uid": uid, "role_code": role.role_code, "deleted": deleted})
         return {"success": True, "message": "当前聊天已清空", "deleted_count": deleted}
+
+
+class StreamRelay:
+    """The SSE body of one /chat/stream: forwards upstream frames as they arrive and owns the cleanup.
+
+    The WSGI server calls close() however the response ends (finished, client gone, error), even if the
+    body was never iterated; cleanup runs exactly once: close the upstream, keep what arrived, free the slot.
+    """
+
+    def __init__(
+        self, chat: Chat, *, uid: str, role_code: str, upstream: UpstreamStream, slot_id: int, started: float
+    ) -> None:
+        self.chat = chat
+        self.uid = uid
+        self.role_code = role_code
+        self.upstream = upstream
+        self.slot_id = slot_id
+        self.started = started
+        self.parts: list[str] = []
+        self.saved = False
+        self.outcome = "client_gone"
+        self.frames_sent = 0
+        self._finished = False
+        self._frames = self._run()
+
+    def __iter__(self) -> StreamRelay:
+        return self
+
+    def __next__(self) -> bytes:
+        return next(self._frames)
+
+    def close(self) -> None:
+        """End the stream early or after the fact; idempotent."""
+        self._frames.close()
+        self._finish()
+
+    def _run(self) -> Iterator[bytes]:
+        try:
+            try:
+                finished = False
+                for payload in self.upstream.frames():
+                    try:
+                        frame = json.loads(payload)
+                    except ValueError as exc:
+                        raise StreamBroken("UpstreamHTTPError", "malformed upstream frame") from exc
+                    if isinstance(frame, dict):
+                        if frame.get("error") and not frame.get("choices"):
+                            raise StreamBroken("UpstreamHTTPError", "upstream reported an error mid-stream")
+                        for choice in frame.get("choices") or ():
+                            delta = choice.get("delta") or {}
+                            if isinstance(delta.get("content"), str):
+                                self.parts.append(delta["content"])
+                            finished = finished or bool(choice.get("finish_reason"))
+                    self.frames_sent += 1
+                    yield b"data: " + payload + b"\n\n"
+                if not (self.upstream.done or finished):
+                    raise StreamBroken("NetworkError", "upstream ended before finishing")
+            except StreamBroken as exc:
+                self.outcome = f"broken:{exc.code}"
+                log.warning(
+                    "upstream stream broke", extra={"uid": self.uid, "reason": exc.reason, "frames": self.frames_sent}
+                )
+                self.saved = True
+                self.chat.save_reply(self.uid, self.role_code, "".join(self.parts), partial=True)
+                yield fallback_frame(exc.code)
+                yield DONE_FRAME
+                return
+            # Stored before [DONE]: a client that refreshes history on [DONE] must see the reply.
+            self.saved = True
+            self.chat.save_reply(self.uid, self.role_code, "".join(self.parts), partial=False)
+            self.outcome = "complete"
+            yield DONE_FRAME
+        except ApiError as exc:
+            # Storing the reply failed after the stream started: report it in-band.
+            self.outcome = f"error:{exc.code}"
+            yield fallback_frame(exc.code)
+            yield DONE_FRAME
+        finally:
+            self._finish()
+
+    def _finish(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        self.upstream.close()
+        if not self.saved:
+            # The client went away (or something unexpected happened): keep what arrived.
+            try:
+                self.chat.save_reply(self.uid, self.role_code, "".join(self.parts), partial=True)
+            except ApiError:
+                log.error("could not store a partial reply", extra={"uid": self.uid})
+        self.chat._release_slot(self.slot_id)
+        log_stream_end("chat_stream", self.uid, self.started, outcome=self.outcome, frames=self.frames_sent)

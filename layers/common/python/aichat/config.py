@@ -83,6 +83,10 @@ class Settings:
     history_budget_chars: int = 6000
     history_max_messages: int = 40
     roles_file: str = ""
+    chat_messages_per_minute: int = 20
+    chat_max_concurrent_streams: int = 2
+    # A stream's slot is released when it ends; the lease only frees slots of an instance that died mid-stream.
+    stream_lease_s: int = 900
 
     def __post_init__(self) -> None:
         self.validate()
@@ -113,6 +117,8 @@ class Settings:
             raise ConfigError("AICHAT_JWT_SECRET is required (make run generates one for local use)")
         if self.sms_provider not in SMS_PROVIDERS:
             raise ConfigError(f"AICHAT_SMS_PROVIDER must be one of {', '.join(SMS_PROVIDERS)}")
+        if self.roles_file and not os.path.isfile(self.roles_file):
+            raise ConfigError(f"AICHAT_ROLES_FILE does not exist: {self.roles_file}")
         if self.db_url and not self.db_url.startswith(("sqlite:///", "mysql://")):
             raise ConfigError("AICHAT_DB_URL must start with sqlite:/// or mysql://")
         try:
@@ -129,6 +135,9 @@ class Settings:
             "image_max_bytes",
             "history_budget_chars",
             "history_max_messages",
+            "chat_messages_per_minute",
+            "chat_max_concurrent_streams",
+            "stream_lease_s",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
@@ -205,6 +214,9 @@ ENV_VARS: dict[str, tuple[str, object]] = {
     "AICHAT_HISTORY_BUDGET_CHARS": ("history_budget_chars", int),
     "AICHAT_HISTORY_MAX_MESSAGES": ("history_max_messages", int),
     "AICHAT_ROLES_FILE": ("roles_file", str),
+    "AICHAT_CHAT_MESSAGES_PER_MINUTE": ("chat_messages_per_minute", int),
+    "AICHAT_CHAT_MAX_CONCURRENT_STREAMS": ("chat_max_concurrent_streams", int),
+    "AICHAT_STREAM_LEASE": ("stream_lease_s", int),
 }
 
 # Read by the process runner (gunicorn config / make run), not by Settings.

@@ -144,6 +144,36 @@ MIGRATIONS: list[tuple[int, str, list[str], list[str]]] = [
             + _MYSQL_TABLE,
         ],
     ),
+    (
+        3,
+        "chat rate limits",
+        [
+            """CREATE TABLE IF NOT EXISTS chat_events (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                uid TEXT NOT NULL,
+                created_at INTEGER NOT NULL)""",
+            "CREATE INDEX IF NOT EXISTS ix_chat_events_uid ON chat_events (uid, created_at)",
+            """CREATE TABLE IF NOT EXISTS stream_slots (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                uid TEXT NOT NULL,
+                expires_at INTEGER NOT NULL)""",
+            "CREATE INDEX IF NOT EXISTS ix_stream_slots_uid ON stream_slots (uid, expires_at)",
+        ],
+        [
+            """CREATE TABLE IF NOT EXISTS chat_events (
+                id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+                uid CHAR(24) NOT NULL,
+                created_at BIGINT NOT NULL,
+                KEY ix_chat_events_uid (uid, created_at))"""
+            + _MYSQL_TABLE,
+            """CREATE TABLE IF NOT EXISTS stream_slots (
+                id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+                uid CHAR(24) NOT NULL,
+                expires_at BIGINT NOT NULL,
+                KEY ix_stream_slots_uid (uid, expires_at))"""
+            + _MYSQL_TABLE,
+        ],
+    ),
 ]
 
 
@@ -292,9 +322,13 @@ class Database:
         self._local = threading.local()
 
     def warm(self) -> None:
-        """Open this thread's connection now rather than on the first request."""
-        with self.tx() as tx:
-            tx.one("SELECT 1 AS ok")
+        """Migrate and open a connection now rather than on the first request; a failure is only logged."""
+        try:
+            with self.tx() as tx:
+                tx.one("SELECT 1 AS ok")
+        except ApiError:
+            # An instance must still start while the database is down: requests answer DatabaseError.
+            log.warning("database warm-up failed; will retry on the first request")
 
     # -- transactions ------------------------------------------------------------------------------
     def tx(self) -> Any:
@@ -317,7 +351,7 @@ class Database:
             conn.execute("BEGIN IMMEDIATE") if self.dialect == "sqlite" else conn.begin()
         except Exception as exc:
             self._discard()
-            log.error("database unavailable", extra={"error": type(exc).__name__})
+            log.error("database unavailable", extra={"error": type(exc).__name__, "detail": str(exc)[:200]})
             raise ApiError("DatabaseError") from exc
         try:
             yield Tx(conn, self.dialect)

@@ -7,11 +7,11 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from flask import Flask, Response, g, request, stream_with_context
+from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound, RequestEntityTooLarge
 
 from .auth import bearer_token, verify_token
@@ -44,10 +44,13 @@ def json_response(body: dict[str, Any], status: int = 200, headers: dict[str, st
     return Response(text, status=status, headers=headers, content_type=JSON_CONTENT_TYPE)
 
 
-def sse_response(frames: Iterator[bytes]) -> Response:
-    """A text/event-stream response that sends each frame as its own chunk, with nothing buffering it."""
+def sse_response(frames: Iterable[bytes]) -> Response:
+    """A text/event-stream response that sends each frame as its own chunk, with nothing buffering it.
+
+    `frames` may have a close() method: the WSGI server calls it however the response ends.
+    """
     return Response(
-        stream_with_context(frames),
+        frames,
         status=200,
         content_type="text/event-stream; charset=utf-8",
         headers={
@@ -115,8 +118,14 @@ def create_app(
     settings: Settings,
     body_limit: int,
     user_exists: Callable[[str], bool] | None = None,
+    on_initialize: Callable[[], None] | None = None,
+    on_pre_stop: Callable[[], None] | None = None,
 ) -> Flask:
-    """Build a service's Flask app from its route table; this is the only place requests are routed."""
+    """Build a service's Flask app from its route table; this is the only place requests are routed.
+
+    FC's instance lifecycle hooks reach a custom runtime as HTTP (POST /initialize, GET /pre-stop); they
+    are served here, outside the contract's route table, and run the given callbacks.
+    """
     configure_logging(settings.log_level)
     app = Flask(f"aichat.{service}")
     app.config["MAX_CONTENT_LENGTH"] = body_limit
@@ -131,6 +140,18 @@ def create_app(
             methods=[route.method],
             provide_automatic_options=False,
         )
+
+    def lifecycle(callback: Callable[[], None] | None, name: str) -> Callable[[], Response]:
+        def hook() -> Response:
+            if callback is not None:
+                callback()
+            log.info("lifecycle hook", extra={"hook": name})
+            return json_response({"success": True, "message": "ok"})
+
+        return hook
+
+    app.add_url_rule("/initialize", "fc_initialize", lifecycle(on_initialize, "initialize"), methods=["POST"])
+    app.add_url_rule("/pre-stop", "fc_pre_stop", lifecycle(on_pre_stop, "pre-stop"), methods=["GET"])
 
     @app.before_request
     def _start() -> Response | None:
