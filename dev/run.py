@@ -65,10 +65,11 @@ def main() -> int:
     env = local_environment(data_dir)
     login_port = int(env.get("AICHAT_LOGIN_PORT", "9000"))
     chat_port = int(env.get("AICHAT_CHAT_PORT", "9001"))
+    web_port = int(env.get("AICHAT_WEB_PORT", "8080"))
 
     subprocess.run([sys.executable, "-m", "aichat.manage", "migrate"], env=env, check=True)
     procs: list[subprocess.Popen] = []
-    fake = None
+    fake = web = None
     has_chat = (ROOT / "functions" / "chat" / "app.py").exists()
     try:
         if has_chat and not (env.get("AICHAT_LLM_API_KEY") or env.get("DASHSCOPE_API_KEY")):
@@ -83,9 +84,17 @@ def main() -> int:
         if has_chat:
             procs.append(serve("chat", chat_port, env))
             wait_ready(f"http://127.0.0.1:{chat_port}/chat/roles", procs[-1])
+        from dev.webserver import WebServer
+
+        web = WebServer(
+            login_base_url=f"http://127.0.0.1:{login_port}",
+            chat_base_url=f"http://127.0.0.1:{chat_port}",
+            port=web_port,
+        ).start()
         print(f"LoginService  http://127.0.0.1:{login_port}   (test account 10086 / code 1234)")
         if has_chat:
             print(f"ChatService   http://127.0.0.1:{chat_port}")
+        print(f"Web client    {web.url}   <- open this in a browser")
         print(f"Data in {data_dir}. Ctrl-C stops everything.", flush=True)
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         while all(p.poll() is None for p in procs):
@@ -103,6 +112,8 @@ def main() -> int:
                 proc.kill()
         if fake is not None:
             fake.stop()
+        if web is not None:
+            web.stop()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,226 @@
+"""The web client end to end in Debian's Chromium (Playwright): login, roles, streaming, history, image, clear."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import re
+import struct
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dev.webserver import WebServer
+from tests.conftest import IN_CI, chat_env
+
+try:
+    from playwright.sync_api import Browser, Page, expect, sync_playwright
+except ImportError:
+    sync_playwright = None
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts" / "browser"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+OPENING = "喵呜,我是奶糖,今天也想黏在你身边陪你聊天呀。你想先跟我说说现在的心情,还是让我蹭蹭你再开始?"
+CHUNKS = ["喵呜～", "今天", "也要", "开开", "心心", "哦！"]
+# Everything outside loopback (the contract's OSS avatar and background) is answered locally: no network.
+EXTERNAL = re.compile(r"^https?://(?!127\.0\.0\.1[:/])")
+
+
+def require(reason: str) -> None:
+    """Skip locally, but fail in CI, where the browser suite is required."""
+    if IN_CI:
+        pytest.fail(f"{reason} (the browser suite is required in CI)")
+    pytest.skip(reason)
+
+
+def png(width: int = 8, height: int = 8, rgb: tuple[int, int, int] = (240, 160, 190)) -> bytes:
+    """A valid solid-colour PNG."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = b"".join(b"\x00" + bytes(rgb) * width for _ in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    """Debian's Chromium, headless; never a downloaded browser."""
+    if not CHROMIUM.exists():
+        require(f"{CHROMIUM} is not installed (apt-get install chromium)")
+    if sync_playwright is None:
+        require("the playwright package is not installed")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, timeout=30_000)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def site(start_server, sqlite_url, fake_llm_server) -> Iterator[WebServer]:
+    """Both services on SQLite and the web client pointed at them."""
+    login = start_server("login", AICHAT_DB_URL=sqlite_url)
+    chat = start_server("chat", **chat_env(fake_llm_server, sqlite_url))
+    web = WebServer(login_base_url=login.base_url, chat_base_url=chat.base_url).start()
+    yield web
+    web.stop()
+
+
+def assistant_text(page: Page) -> str:
+    """The text of the newest assistant bubble."""
+    return page.locator(".bubble.assistant .text").last.inner_text()
+
+
+def test_chat_flow(browser, site, fake_llm, tmp_path):
+    context = browser.new_context(viewport={"width": 420, "height": 820}, locale="zh-CN")
+    context.set_default_timeout(10_000)
+    context.route(EXTERNAL, lambda route: route.fulfill(status=200, content_type="image/png", body=png()))
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(f"pageerror: {exc}"))
+    page.on("console", lambda msg: errors.append(f"console: {msg.text}") if msg.type == "error" else None)
+    try:
+        page.goto(site.url)
+
+        # Login with the prefilled test account, asking for a code first.
+        expect(page.locator("#login-view")).to_be_visible()
+        expect(page.locator("#phone")).to_have_value("10086")
+        expect(page.locator("#country-code")).to_have_value("86")
+        expect(page.locator("#code")).to_have_value("1234")
+        page.click("#send-code-btn")
+        expect(page.locator("#notice")).to_contain_text("测试账号验证码固定为 1234")
+        expect(page.locator("#send-code-btn")).to_be_disabled()
+        expect(page.locator("#send-code-btn")).to_contain_text("秒后重发")
+        page.click("#login-btn")
+        expect(page.locator("#roles-view")).to_be_visible()
+        expect(page.locator("#user-label")).to_have_text("+86 10086")
+
+        # Pick 奶糖: the opening message comes first; clear leftovers so the run is repeatable.
+        card = page.locator('.role-card[data-role="naitang"]')
+        expect(card).to_contain_text("奶糖")
+        expect(page.locator(".role-card")).to_have_count(4)
+        card.click()
+        expect(page.locator("#chat-name")).to_have_text("奶糖")
+        opening = page.locator(".bubble.assistant.opening")
+        expect(opening).to_have_text(OPENING)
+        expect(page.locator("#messages")).to_have_attribute("aria-busy", "false")
+        if page.locator(".bubble").count() > 1:
+            page.once("dialog", lambda dialog: dialog.accept())
+            page.click("#clear-btn")
+            expect(page.locator(".bubble")).to_have_count(1)
+
+        # A slow reply grows in the bubble as it streams.
+        fake_llm.enqueue(chunks=CHUNKS, delay=0.25)
+        final = "".join(CHUNKS)
+        page.fill("#message", "今天有点累。")
+        page.press("#message", "Enter")
+        expect(page.locator(".bubble.assistant.streaming")).to_have_count(1)
+        expect(page.locator("#send-btn")).to_be_disabled()
+        seen: list[int] = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            text = assistant_text(page)
+            if text == final:
+                break
+            if text and len(text) not in seen:
+                seen.append(len(text))
+            time.sleep(0.03)
+        intermediate = [n for n in seen if 0 < n < len(final)]
+        assert len(intermediate) >= 2, f"reply did not stream incrementally: lengths {seen}"
+        expect(page.locator(".bubble.assistant .text").last).to_have_text(final)
+        expect(page.locator(".bubble.streaming")).to_have_count(0)
+        expect(page.locator("#send-btn")).to_be_enabled()
+        expect(page.locator("#message")).to_have_value("")
+
+        # A reload keeps the session and the conversation, now read from the history.
+        page.reload()
+        expect(page.locator("#chat-view")).to_be_visible()
+        expect(page.locator(".bubble.user .text")).to_have_text(["今天有点累。"])
+        expect(page.locator(".bubble.assistant .text")).to_have_text([OPENING, final])
+
+        # A photo with a message: preview, send, reply; the upstream gets an image part.
+        photo = tmp_path / "cat.png"
+        photo.write_bytes(png())
+        page.set_input_files("#photo-input", str(photo))
+        expect(page.locator("#photo-preview")).to_be_visible()
+        page.fill("#message", "看看我家的猫")
+        page.click("#send-btn")
+        expect(page.locator(".bubble.assistant .text").last).to_contain_text("收到了1张图片")
+        expect(page.locator(".bubble.streaming")).to_have_count(0)
+        expect(page.locator("#photo-preview")).to_be_hidden()
+        expect(page.locator(".bubble.user").last).to_contain_text("[图片]")
+        expect(page.locator(".bubble.user").last).to_contain_text("看看我家的猫")
+        turn = fake_llm.requests[-1]["body"]["messages"][-1]["content"]
+        assert {"type": "text", "text": "看看我家的猫"} in turn
+        image_url = "data:image/png;base64," + base64.b64encode(png()).decode()
+        assert {"type": "image_url", "image_url": {"url": image_url}} in turn
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "chat.png"))
+
+        # Clearing leaves only the opening message.
+        page.once("dialog", lambda dialog: dialog.accept())
+        page.click("#clear-btn")
+        expect(page.locator("#notice")).to_have_text("当前聊天已清空")
+        expect(page.locator(".bubble")).to_have_count(1)
+        expect(page.locator(".bubble.opening")).to_have_text(OPENING)
+        assert errors == []
+
+        # A token the server rejects sends the user back to the login page.
+        page.evaluate("localStorage.setItem('aichat.token', 'not-a-jwt')")
+        page.reload()
+        expect(page.locator("#login-view")).to_be_visible()
+        expect(page.locator("#error")).to_have_text("登录已失效，请重新登录")
+        assert page.evaluate("localStorage.getItem('aichat.token')") is None
+
+        # Log in again, log out, then a wrong code shows the contract's Chinese message.
+        page.click("#login-btn")
+        page.click('.role-card[data-role="naitang"]')
+        expect(page.locator(".bubble.opening")).to_be_visible()
+        page.click("#logout-btn")
+        expect(page.locator("#login-view")).to_be_visible()
+        assert page.evaluate("localStorage.getItem('aichat.token')") is None
+        page.fill("#code", "0000")
+        page.click("#login-btn")
+        expect(page.locator("#error")).to_have_text("验证码错误或已过期")
+        expect(page.locator("#login-view")).to_be_visible()
+    finally:
+        context.close()
+    # The browser logs each deliberate 401 as a failed resource load; anything else is a bug.
+    unexpected = [e for e in errors if not re.search(r"Failed to load resource: .* 401", e)]
+    assert unexpected == []
+
+
+def test_webserver_serves_only_the_web_root(site):
+    conn = http.client.HTTPConnection(site.host, site.port, timeout=5)
+
+    def get(path: str) -> tuple[int, str, str, bytes]:
+        conn.request("GET", path)
+        res = conn.getresponse()
+        return res.status, res.getheader("Content-Type"), res.getheader("Cache-Control"), res.read()
+
+    try:
+        status, ctype, cache, body = get("/")
+        assert (status, ctype, cache) == (200, "text/html; charset=utf-8", "no-store") and b'id="app"' in body
+        assert get("/app.js")[:2] == (200, "text/javascript; charset=utf-8")
+        assert get("/style.css")[:2] == (200, "text/css; charset=utf-8")
+        status, ctype, _, body = get("/config.json")
+        assert status == 200 and ctype.startswith("application/json") and b"chat_base_url" in body
+        for path in ("/../pyproject.toml", "/%2e%2e/pyproject.toml", "/..%2fREADME.md", "/nope.js", "/x%00.js"):
+            assert get(path)[0] == 404, path
+    finally:
+        conn.close()
