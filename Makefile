@@ -25,8 +25,31 @@ format: $(STAMP)
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
-test: lint
+test: lint tools
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# --- deployment (docs/deploy.md) ---
+S_VERSION := 3.1.10
+S         := .tools/node_modules/.bin/s
+S_STAMP   := .tools/.s-$(S_VERSION)
+
+.PHONY: tools layer deploy
+
+# The Serverless Devs CLI, pinned, in git-ignored .tools/ (tests/test_deploy.py renders s.yaml with it).
+tools: $(S_STAMP)
+
+$(S_STAMP):
+	npm install --prefix .tools --no-audit --no-fund --save-exact @serverless-devs/s@$(S_VERSION)
+	touch $@
+
+# The two FC layer zips in build/layers/ (code: the aichat package; deps: requirements.txt for Python 3.10).
+layer: $(STAMP)
+	$(PY) dev/build_layers.py
+
+# Publish the layers (a new version only when a zip's bytes changed), then deploy both functions on them.
+deploy: $(STAMP) tools
+	$(PY) dev/build_layers.py --publish
+	set -a && . build/layers/arns.env && set +a && $(S) deploy -y -a "$${AICHAT_DEPLOY_ACCESS:-default}"
 
 # Regenerate the operator-facing DDL from the migrations (a test checks they agree).
 schema: $(STAMP)

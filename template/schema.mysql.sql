@@ -13,3 +13,7 @@ CREATE TABLE IF NOT EXISTS messages ( id BIGINT NOT NULL AUTO_INCREMENT PRIMARY 
 -- migration 3: chat rate limits
 CREATE TABLE IF NOT EXISTS chat_events ( id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY, uid CHAR(24) NOT NULL, created_at BIGINT NOT NULL, KEY ix_chat_events_uid (uid, created_at)) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
 CREATE TABLE IF NOT EXISTS stream_slots ( id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY, uid CHAR(24) NOT NULL, expires_at BIGINT NOT NULL, KEY ix_stream_slots_uid (uid, expires_at)) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
+
+-- migration 4: usage, reasoning and revoked tokens
+ALTER TABLE messages ADD COLUMN prompt_tokens INT NULL, ADD COLUMN completion_tokens INT NULL, ADD COLUMN reasoning_content MEDIUMTEXT NULL;
+CREATE TABLE IF NOT EXISTS revoked_tokens ( jti CHAR(32) NOT NULL PRIMARY KEY, expires_at BIGINT NOT NULL, KEY ix_revoked_tokens_expiry (expires_at)) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;

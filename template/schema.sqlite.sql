@@ -18,3 +18,10 @@ CREATE TABLE IF NOT EXISTS chat_events ( id INTEGER PRIMARY KEY AUTOINCREMENT, u
 CREATE INDEX IF NOT EXISTS ix_chat_events_uid ON chat_events (uid, created_at);
 CREATE TABLE IF NOT EXISTS stream_slots ( id INTEGER PRIMARY KEY AUTOINCREMENT, uid TEXT NOT NULL, expires_at INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS ix_stream_slots_uid ON stream_slots (uid, expires_at);
+
+-- migration 4: usage, reasoning and revoked tokens
+ALTER TABLE messages ADD COLUMN prompt_tokens INTEGER;
+ALTER TABLE messages ADD COLUMN completion_tokens INTEGER;
+ALTER TABLE messages ADD COLUMN reasoning_content TEXT;
+CREATE TABLE IF NOT EXISTS revoked_tokens ( jti TEXT PRIMARY KEY, expires_at INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS ix_revoked_tokens_expiry ON revoked_tokens (expires_at);

@@ -164,3 +164,34 @@ def frame_text(payloads: list[str]) -> str:
         for choice in json.loads(payload).get("choices") or []:
             text += (choice.get("delta") or {}).get("content") or ""
     return text
+
+
+def query(db_url: str, sql: str, params: tuple = ()) -> list[tuple]:
+    """Read rows straight from a test database (SQLite file or MySQL URL), bypassing the services."""
+    if db_url.startswith("sqlite:///"):
+        import sqlite3
+
+        conn = sqlite3.connect(db_url[len("sqlite:///") :])
+        try:
+            return [tuple(row) for row in conn.execute(sql, params).fetchall()]
+        finally:
+            conn.close()
+    from urllib.parse import urlsplit
+
+    import pymysql
+
+    parts = urlsplit(db_url)
+    conn = pymysql.connect(
+        host=parts.hostname,
+        port=parts.port or 3306,
+        user=parts.username or "root",
+        password=parts.password or "",
+        database=parts.path.lstrip("/"),
+        charset="utf8mb4",
+    )
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql.replace("?", "%s"), params)
+            return [tuple(row) for row in cur.fetchall()]
+    finally:
+        conn.close()

@@ -11,9 +11,10 @@ from pathlib import Path
 import jwt
 import pytest
 import requests
+from aichat.chat import estimate_tokens, message_tokens
 
 from tests.conftest import ROLES_FILE, chat_env
-from tests.servers import TEST_SECRET, Client, frame_text, free_port, read_stream, sse_events
+from tests.servers import TEST_SECRET, Client, frame_text, free_port, query, read_stream, sse_events
 from tests.test_login import assert_error
 
 CONTRACT_NAITANG = {
@@ -125,8 +126,11 @@ class TestStream:
         assert body["temperature"] == 0.8 and body["max_tokens"] == 100
         messages = body["messages"]
         assert messages[0] == {"role": "system", "content": NAITANG_PROMPT}
-        assert [m["role"] for m in messages[1:]] == ["user", "assistant", "user"]
-        assert messages[1]["content"] == "第一句" and messages[-1] == {"role": "user", "content": "第二句"}
+        # The opening message the user saw comes first, then the history, then the new turn.
+        assert messages[1] == {"role": "assistant", "content": CONTRACT_NAITANG["opening_message"]}
+        assert [m["role"] for m in messages[2:]] == ["user", "assistant", "user"]
+        assert messages[2]["content"] == "第一句" and messages[-1] == {"role": "user", "content": "第二句"}
+        assert body["stream_options"] == {"include_usage": True}
         # The hidden prompt and the user's words never reach the service log.
         log = chat_server.log()
         assert NAITANG_PROMPT[:15] not in log and "第二句" not in log
@@ -169,19 +173,62 @@ class TestStream:
         ]
         assert stored[2]["content"] == ""
 
-    def test_history_budget_keeps_the_newest_turns(self, start_server, db_url, fake_llm, new_user):
-        server = start_server("chat", **chat_env(fake_llm, db_url, AICHAT_HISTORY_BUDGET_CHARS=12))
-        _, token = new_user()
-        client = Client(server.base_url, token=token)
-        for text in ("一二三四五六", "七八九十", "甲乙"):
-            fake_llm.enqueue(chunks=["好"])
+    def test_context_budget_edges(self, start_server, db_url, fake_llm, new_user):
+        context = 2000
+        server = start_server("chat", **chat_env(fake_llm, db_url, AICHAT_CONTEXT_TOKENS=context))
+        client = Client(server.base_url, token=new_user()[1])
+        for text in ("一二三四五六", "seven eight nine ten", "甲乙", "😺🐟"):
+            fake_llm.enqueue(chunks=["好的"])
             chat_once(client, {"role_code": "naitang", "message": text})
+        head = [
+            {"role": "system", "content": NAITANG_PROMPT},
+            {"role": "assistant", "content": CONTRACT_NAITANG["opening_message"]},
+        ]
+        turn = {"role": "user", "content": "最后"}
+        fixed = sum(message_tokens(m) for m in (*head, turn))
+        for keep in (0, 1, 3, 8):
+            for slack, expected in ((0, keep), (1, keep - 1)):
+                if expected < 0:
+                    continue
+                # History is read newest first; the reply's reserve (max_tokens) moves the edge exactly.
+                stored = history(client)
+                newest = [{"role": m["sender_role"], "content": m["content"]} for m in reversed(stored)]
+                cost = sum(message_tokens(m) for m in newest[:keep])
+                max_tokens = context - fixed - cost + slack
+                fake_llm.reset()
+                fake_llm.enqueue(chunks=["嗯"])
+                chat_once(client, {"role_code": "naitang", "message": "最后", "max_tokens": max_tokens})
+                sent = fake_llm.requests[0]["body"]["messages"]
+                assert sent[:2] == head and sent[-1] == turn
+                assert sent[2:-1] == list(reversed(newest[:expected])), (keep, slack)
+
+    def test_prompt_and_opening_kept_when_nothing_else_fits(self, start_server, db_url, fake_llm, new_user):
+        server = start_server("chat", **chat_env(fake_llm, db_url, AICHAT_CONTEXT_TOKENS=50))
+        client = Client(server.base_url, token=new_user()[1])
+        chat_once(client, {"role_code": "naitang", "message": "第一句"})
         fake_llm.reset()
-        chat_once(client, {"role_code": "naitang", "message": "最后"})
-        messages = fake_llm.requests[0]["body"]["messages"]
-        # Newest first, 12 characters fit: 好 甲乙 好 七八九十 好 (9 so far); 一二三四五六 (6 more) does not.
-        assert [m["content"] for m in messages[1:]] == ["好", "七八九十", "好", "甲乙", "好", "最后"]
-        assert messages[0]["role"] == "system"
+        chat_once(client, {"role_code": "naitang", "message": "第二句"})
+        sent = fake_llm.requests[0]["body"]["messages"]
+        assert [m["role"] for m in sent] == ["system", "assistant", "user"]
+        assert sent[0]["content"] == NAITANG_PROMPT and sent[-1]["content"] == "第二句"
+
+    def test_usage_and_reasoning_are_stored_apart(self, user, fake_llm, db_url):
+        fake_llm.enqueue(reasoning="先想一想用户的情绪", chunks=["抱", "抱你"])
+        payloads = chat_once(user, {"role_code": "naitang", "message": "我难过"})
+        frames = [json.loads(p) for p in payloads[:-1]]
+        reasoning = "".join(
+            (c.get("delta") or {}).get("reasoning_content") or "" for f in frames for c in f.get("choices") or []
+        )
+        assert reasoning == "先想一想用户的情绪"  # passed through to the client, in its own field
+        assert frame_text(payloads) == "抱抱你"  # never mixed into the content
+        usage = next(f["usage"] for f in frames if f.get("usage"))
+        assert history(user)[-1]["content"] == "抱抱你"
+        (row,) = query(
+            db_url,
+            "SELECT content, reasoning_content, prompt_tokens, completion_tokens FROM messages"
+            " WHERE sender_role = 'assistant' AND content = '抱抱你' ORDER BY id DESC LIMIT 1",
+        )
+        assert row == ("抱抱你", "先想一想用户的情绪", usage["prompt_tokens"], usage["completion_tokens"])
 
     def test_emoji_round_trip(self, user, fake_llm):
         fake_llm.enqueue(chunks=["喵", "😺", "🐟"])
@@ -403,3 +450,11 @@ class TestHistoryAndClear:
             timeout=5,
         )
         assert res.status_code == 204 and "Authorization" in res.headers["Access-Control-Allow-Headers"]
+
+
+@pytest.mark.parametrize(
+    ("text", "tokens"),
+    [("", 0), ("你好", 2), ("hello world", 3), ("abcd", 1), ("abcde", 2), ("😺🐟", 2), ("今天 ok", 3)],
+)
+def test_token_estimate(text, tokens):
+    assert estimate_tokens(text) == tokens

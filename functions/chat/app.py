@@ -10,7 +10,7 @@ from aichat.roles import RoleCatalog
 from aichat.store import open_database
 from aichat.web import ApiRequest, Route, create_app, sse_response
 
-settings = load_settings()
+settings = load_settings(service="chat")
 db = open_database(settings)
 roles = RoleCatalog(db, roles_file=settings.roles_file)
 chat = Chat(
@@ -60,5 +60,5 @@ app = create_app(
     body_limit=settings.chat_body_limit,
     user_exists=partial(user_exists, db),
     on_initialize=db.warm,
-    on_pre_stop=db.close,
+    on_pre_stop=db.close_idle,
 )

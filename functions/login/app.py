@@ -6,7 +6,7 @@ from aichat.sms import build_sms_provider
 from aichat.store import open_database
 from aichat.web import ApiRequest, Route, create_app
 
-settings = load_settings()
+settings = load_settings(service="login")
 db = open_database(settings)
 accounts = Accounts(settings, db, build_sms_provider(settings))
 
@@ -38,5 +38,5 @@ app = create_app(
     settings=settings,
     body_limit=settings.login_body_limit,
     on_initialize=db.warm,
-    on_pre_stop=db.close,
+    on_pre_stop=db.close_idle,
 )

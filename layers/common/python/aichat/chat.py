@@ -51,6 +51,10 @@ FALLBACK_MESSAGES = {
 }
 IMAGE_ONLY_PLACEHOLDER = "[图片]"
 MINUTE_MS = 60_000
+# Chat templates wrap each message in a few tokens of markup.
+MESSAGE_OVERHEAD_TOKENS = 4
+# What a vision model charges for an image varies with its size; this is a safe middle estimate.
+IMAGE_TOKENS = 1024
 # A client over the concurrent-stream limit can retry as soon as one of its streams ends.
 STREAM_RETRY_AFTER_S = 3
 
@@ -77,6 +81,53 @@ class ChatRequest:
     text: str
     image: ChatImage | None
     params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Reply:
+    """What an upstream stream has delivered so far: content and reasoning kept apart, and usage."""
+
+    content: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    usage: dict[str, Any] | None = None
+
+    def add(self, frame: dict[str, Any]) -> bool:
+        """Take in one chunk; return whether it finished a choice (a finish_reason)."""
+        finished = False
+        if isinstance(frame.get("usage"), dict):
+            self.usage = frame["usage"]
+        for choice in frame.get("choices") or ():
+            if not isinstance(choice, dict):
+                continue
+            delta = choice.get("delta") or {}
+            if isinstance(delta.get("content"), str):
+                self.content.append(delta["content"])
+            if isinstance(delta.get("reasoning_content"), str):
+                self.reasoning.append(delta["reasoning_content"])
+            finished = finished or bool(choice.get("finish_reason"))
+        return finished
+
+
+def estimate_tokens(text: str) -> int:
+    """A tokenizer-free estimate suited to Qwen-style vocabularies: about one token per CJK character
+    (and other non-ASCII symbols such as emoji) and one per four ASCII characters, rounded up."""
+    wide = sum(1 for ch in text if ord(ch) > 0x7F)
+    return wide + -(-(len(text) - wide) // 4)
+
+
+def message_tokens(message: dict[str, Any]) -> int:
+    """Estimated tokens of one chat message, with the per-message overhead of the chat template."""
+    content = message["content"]
+    if isinstance(content, str):
+        return MESSAGE_OVERHEAD_TOKENS + estimate_tokens(content)
+    total = MESSAGE_OVERHEAD_TOKENS
+    for part in content:
+        total += estimate_tokens(part.get("text", "")) if part.get("type") == "text" else IMAGE_TOKENS
+    return total
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def sniff_image_type(data: bytes) -> str | None:
@@ -154,9 +205,16 @@ class Chat:
             value = body.get(name)
             if value is None:
                 continue
-            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if not numeric or (kind is int and not isinstance(value, int)) or not math.isfinite(value):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ApiError("InvalidInput", f"参数 {name} 类型不正确")
+            if isinstance(value, float):
+                if not math.isfinite(value):
+                    raise ApiError("InvalidInput", f"参数 {name} 类型不正确")
+                if kind is int:
+                    if not value.is_integer():  # JSON Schema counts 5.0 as an integer; 5.5 is not
+                        raise ApiError("InvalidInput", f"参数 {name} 必须是整数")
+                    value = int(value)
+            # Compared as Python numbers: a 400-digit integer is simply out of range (no float overflow).
             if value > high or value < low or (low_exclusive and value == low):
                 raise ApiError("InvalidInput", f"参数 {name} 超出范围")
             params[name] = value
@@ -191,11 +249,13 @@ class Chat:
         if not self.llm.api_key:
             raise ApiError("MissingApiKey")
         history, message_id, slot_id = self._accept(uid, request)
-        payload = {
+        payload: dict[str, Any] = {
             "model": self.settings.llm_vision_model if request.image else self.settings.llm_model,
             "messages": self.build_messages(request, history),
             **request.params,
         }
+        if self.settings.llm_include_usage:
+            payload["stream_options"] = {"include_usage": True}
         try:
             upstream = self.llm.open_stream(payload)
         except BaseException:
@@ -263,18 +323,16 @@ class Chat:
             log.error("could not release a stream slot", extra={"slot_id": slot_id})
 
     def build_messages(self, request: ChatRequest, history: list[Row]) -> list[dict[str, Any]]:
-        """The upstream context: the role's hidden prompt, the newest history within budget, the new turn."""
-        picked: list[dict[str, Any]] = []
-        used = 0
-        for row in reversed(history):  # newest first, so the budget keeps the most recent turns
-            content = row["content"] or (IMAGE_ONLY_PLACEHOLDER if row["has_image"] else "")
-            if not content:
-                continue
-            if used + len(content) > self.settings.history_budget_chars:
-                break
-            used += len(content)
-            picked.append({"role": "assistant" if row["sender_role"] == "assistant" else "user", "content": content})
-        picked.reverse()
+        """The upstream context within the token budget.
+
+        Always: the role's hidden prompt (one system message), its opening message (what the user saw
+        first), and the new turn. Then as many of the newest history messages as fit in what is left
+        after reserving room for the reply (`max_tokens`, or the configured reserve).
+        """
+        role = request.role
+        head: list[dict[str, Any]] = [{"role": "system", "content": role.system_prompt}]
+        if role.opening_message:
+            head.append({"role": "assistant", "content": role.opening_message})
         if request.image is None:
             turn: dict[str, Any] = {"role": "user", "content": request.text}
         else:
@@ -283,17 +341,43 @@ class Chat:
                 parts.append({"type": "text", "text": request.text})
             parts.append({"type": "image_url", "image_url": {"url": request.image.data_url}})
             turn = {"role": "user", "content": parts}
-        return [{"role": "system", "content": request.role.system_prompt}, *picked, turn]
+        reserve = request.params.get("max_tokens") or self.settings.reply_reserve_tokens
+        budget = self.settings.context_tokens - reserve - sum(message_tokens(m) for m in (*head, turn))
+        picked: list[dict[str, Any]] = []
+        for row in reversed(history):  # newest first, so the budget keeps the most recent turns
+            content = row["content"] or (IMAGE_ONLY_PLACEHOLDER if row["has_image"] else "")
+            if not content:
+                continue
+            message = {"role": "assistant" if row["sender_role"] == "assistant" else "user", "content": content}
+            cost = message_tokens(message)
+            if cost > budget:
+                break
+            budget -= cost
+            picked.append(message)
+        picked.reverse()
+        return [*head, *picked, turn]
 
-    def save_reply(self, uid: str, role_code: str, content: str, *, partial: bool) -> None:
-        """Store an assistant reply (a partial one only if something arrived)."""
-        if partial and not content:
+    def save_reply(self, uid: str, role_code: str, reply: Reply, *, partial: bool) -> None:
+        """Store an assistant reply with its usage and reasoning (a partial one only if something arrived)."""
+        content = "".join(reply.content)
+        reasoning = "".join(reply.reasoning) or None
+        if partial and not content and not reasoning:
             return  # nothing arrived: an empty bubble would only confuse the history
+        usage = reply.usage or {}
         with self.db.tx() as tx:
             tx.insert(
-                "INSERT INTO messages (uid, role_code, sender_role, content, has_image, is_partial, created_at)"
-                " VALUES (?, ?, 'assistant', ?, 0, ?, ?)",
-                (uid, role_code, content, int(partial), now_ms()),
+                "INSERT INTO messages (uid, role_code, sender_role, content, has_image, is_partial, created_at,"
+                " prompt_tokens, completion_tokens, reasoning_content) VALUES (?, ?, 'assistant', ?, 0, ?, ?, ?, ?, ?)",
+                (
+                    uid,
+                    role_code,
+                    content,
+                    int(partial),
+                    now_ms(),
+                    _int_or_none(usage.get("prompt_tokens")),
+                    _int_or_none(usage.get("completion_tokens")),
+                    reasoning,
+                ),
             )
 
     # -- history and clear -------------------------------------------------------------------------
@@ -347,7 +431,7 @@ class StreamRelay:
         self.upstream = upstream
         self.slot_id = slot_id
         self.started = started
-        self.parts: list[str] = []
+        self.reply = Reply()
         self.saved = False
         self.outcome = "client_gone"
         self.frames_sent = 0
@@ -377,11 +461,7 @@ class StreamRelay:
                     if isinstance(frame, dict):
                         if frame.get("error") and not frame.get("choices"):
                             raise StreamBroken("UpstreamHTTPError", "upstream reported an error mid-stream")
-                        for choice in frame.get("choices") or ():
-                            delta = choice.get("delta") or {}
-                            if isinstance(delta.get("content"), str):
-                                self.parts.append(delta["content"])
-                            finished = finished or bool(choice.get("finish_reason"))
+                        finished = self.reply.add(frame) or finished
                     self.frames_sent += 1
                     yield b"data: " + payload + b"\n\n"
                 if not (self.upstream.done or finished):
@@ -392,13 +472,13 @@ class StreamRelay:
                     "upstream stream broke", extra={"uid": self.uid, "reason": exc.reason, "frames": self.frames_sent}
                 )
                 self.saved = True
-                self.chat.save_reply(self.uid, self.role_code, "".join(self.parts), partial=True)
+                self.chat.save_reply(self.uid, self.role_code, self.reply, partial=True)
                 yield fallback_frame(exc.code)
                 yield DONE_FRAME
                 return
             # Stored before [DONE]: a client that refreshes history on [DONE] must see the reply.
             self.saved = True
-            self.chat.save_reply(self.uid, self.role_code, "".join(self.parts), partial=False)
+            self.chat.save_reply(self.uid, self.role_code, self.reply, partial=False)
             self.outcome = "complete"
             yield DONE_FRAME
         except ApiError as exc:
@@ -417,7 +497,7 @@ class StreamRelay:
         if not self.saved:
             # The client went away (or something unexpected happened): keep what arrived.
             try:
-                self.chat.save_reply(self.uid, self.role_code, "".join(self.parts), partial=True)
+                self.chat.save_reply(self.uid, self.role_code, self.reply, partial=True)
             except ApiError:
                 log.error("could not store a partial reply", extra={"uid": self.uid})
         self.chat._release_slot(self.slot_id)

@@ -41,6 +41,8 @@ class TestAccount:
 class Settings:
     """The whole configuration of both services; tests construct it directly."""
 
+    # Which function these settings are for ("login", "chat", or "" for tools): checks are per service.
+    service: str = ""
     env: str = "local"
     db_url: str | None = None
     db_connect_timeout_s: float = 5.0
@@ -80,7 +82,10 @@ class Settings:
     llm_read_timeout_s: float = 60.0
     message_max_chars: int = 4000
     image_max_bytes: int = 10 * MIB
-    history_budget_chars: int = 6000
+    # The context window the model gets: prompt + opening message + history + the new turn + the reply.
+    context_tokens: int = 8000
+    reply_reserve_tokens: int = 1024  # reserved for the reply when the request sets no max_tokens
+    llm_include_usage: bool = True
     history_max_messages: int = 40
     roles_file: str = ""
     chat_messages_per_minute: int = 20
@@ -133,7 +138,8 @@ class Settings:
             "code_max_attempts",
             "message_max_chars",
             "image_max_bytes",
-            "history_budget_chars",
+            "context_tokens",
+            "reply_reserve_tokens",
             "history_max_messages",
             "chat_messages_per_minute",
             "chat_max_concurrent_streams",
@@ -141,11 +147,9 @@ class Settings:
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
-        if self.is_production:
-            if len(self.jwt_secret.encode()) < MIN_PRODUCTION_SECRET_BYTES:
-                raise ConfigError(
-                    f"AICHAT_JWT_SECRET must be at least {MIN_PRODUCTION_SECRET_BYTES} bytes in production"
-                )
+        if self.is_production and len(self.jwt_secret.encode()) < MIN_PRODUCTION_SECRET_BYTES:
+            raise ConfigError(f"AICHAT_JWT_SECRET must be at least {MIN_PRODUCTION_SECRET_BYTES} bytes in production")
+        if self.is_production and self.service == "login":
             if self.sms_provider == "console":
                 raise ConfigError("the console SMS provider is for local runs only; use dysms in production")
             if not (self.sms_sign_name and self.sms_template_code):
@@ -211,7 +215,9 @@ ENV_VARS: dict[str, tuple[str, object]] = {
     "AICHAT_LLM_READ_TIMEOUT": ("llm_read_timeout_s", float),
     "AICHAT_MESSAGE_MAX_CHARS": ("message_max_chars", int),
     "AICHAT_IMAGE_MAX_BYTES": ("image_max_bytes", int),
-    "AICHAT_HISTORY_BUDGET_CHARS": ("history_budget_chars", int),
+    "AICHAT_CONTEXT_TOKENS": ("context_tokens", int),
+    "AICHAT_REPLY_RESERVE_TOKENS": ("reply_reserve_tokens", int),
+    "AICHAT_LLM_INCLUDE_USAGE": ("llm_include_usage", _flag),
     "AICHAT_HISTORY_MAX_MESSAGES": ("history_max_messages", int),
     "AICHAT_ROLES_FILE": ("roles_file", str),
     "AICHAT_CHAT_MESSAGES_PER_MINUTE": ("chat_messages_per_minute", int),
@@ -234,8 +240,8 @@ RUNNER_ENV_VARS = (
 FALLBACK_KEY_VAR = "DASHSCOPE_API_KEY"
 
 
-def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
-    """Build Settings from environment variables, raising ConfigError on anything invalid."""
+def load_settings(environ: Mapping[str, str] | None = None, *, service: str = "") -> Settings:
+    """Build one service's Settings from environment variables, raising ConfigError on anything invalid."""
     environ = os.environ if environ is None else environ
     known = {f.name for f in fields(Settings)}
     values: dict[str, object] = {}
@@ -252,4 +258,4 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             raise ConfigError(f"{var} is not valid: {raw!r}") from exc
     if "llm_api_key" not in values and environ.get(FALLBACK_KEY_VAR):
         values["llm_api_key"] = environ[FALLBACK_KEY_VAR]
-    return Settings(**values)  # type: ignore[arg-type]
+    return Settings(service=service, **values)  # type: ignore[arg-type]

@@ -174,6 +174,28 @@ MIGRATIONS: list[tuple[int, str, list[str], list[str]]] = [
             + _MYSQL_TABLE,
         ],
     ),
+    (
+        4,
+        "usage, reasoning and revoked tokens",
+        [
+            "ALTER TABLE messages ADD COLUMN prompt_tokens INTEGER",
+            "ALTER TABLE messages ADD COLUMN completion_tokens INTEGER",
+            "ALTER TABLE messages ADD COLUMN reasoning_content TEXT",
+            """CREATE TABLE IF NOT EXISTS revoked_tokens (
+                jti TEXT PRIMARY KEY,
+                expires_at INTEGER NOT NULL)""",
+            "CREATE INDEX IF NOT EXISTS ix_revoked_tokens_expiry ON revoked_tokens (expires_at)",
+        ],
+        [
+            "ALTER TABLE messages ADD COLUMN prompt_tokens INT NULL, ADD COLUMN completion_tokens INT NULL,"
+            " ADD COLUMN reasoning_content MEDIUMTEXT NULL",
+            """CREATE TABLE IF NOT EXISTS revoked_tokens (
+                jti CHAR(32) NOT NULL PRIMARY KEY,
+                expires_at BIGINT NOT NULL,
+                KEY ix_revoked_tokens_expiry (expires_at))"""
+            + _MYSQL_TABLE,
+        ],
+    ),
 ]
 
 
@@ -253,7 +275,9 @@ class Database:
         self._connect_timeout_s = connect_timeout_s
         self._read_timeout_s = read_timeout_s
         self._local = threading.local()
-        self._all: list[Any] = []
+        self._all: list[Any] = []  # every open connection, for close_idle()/close()
+        self._busy: set[int] = set()  # ids of connections inside a transaction right now
+        self._epoch = 0  # bumped by close_idle(): a thread whose connection predates it reconnects
         self._all_lock = threading.Lock()
         if self.dialect == "sqlite":
             self._path = url[len("sqlite:///") :]
@@ -286,39 +310,63 @@ class Database:
             write_timeout=self._read_timeout_s,
         )
 
-    def _connection(self) -> Any:
-        conn = getattr(self._local, "conn", None)
+    def _checkout(self) -> Any:
+        """This thread's connection, marked busy (close_idle() skips it), opened or re-opened as needed."""
+        with self._all_lock:
+            conn = getattr(self._local, "conn", None)
+            if conn is not None and getattr(self._local, "epoch", None) != self._epoch:
+                # close_idle() ran since this connection was opened: closed already if it was idle.
+                if conn in self._all:
+                    self._all.remove(conn)
+                    stale = conn
+                else:
+                    stale = None
+                conn = self._local.conn = None
+            else:
+                stale = None
+            if conn is not None:
+                self._busy.add(id(conn))
+        if stale is not None:
+            _close_quietly(stale)
         if conn is None:
             conn = self._connect()
-            self._local.conn = conn
             with self._all_lock:
+                self._local.conn = conn
+                self._local.epoch = self._epoch
                 self._all.append(conn)
+                self._busy.add(id(conn))
         elif self.dialect == "mysql":
             # A warm instance may hold a connection the server has since dropped: check and reconnect.
             conn.ping(reconnect=True)
         return conn
 
     def _discard(self) -> None:
+        """Drop this thread's connection (broken, or its transaction failed): the next use reconnects."""
         conn = getattr(self._local, "conn", None)
         self._local.conn = None
         if conn is not None:
             with self._all_lock:
                 if conn in self._all:
                     self._all.remove(conn)
-            try:
-                conn.close()
-            except Exception:
-                log.debug("closing a broken connection failed", exc_info=True)
+                self._busy.discard(id(conn))
+            _close_quietly(conn)
+
+    def close_idle(self) -> None:
+        """Close the connections no request is using (FC's preStop); busy ones finish their work first."""
+        with self._all_lock:
+            idle = [conn for conn in self._all if id(conn) not in self._busy]
+            self._all = [conn for conn in self._all if id(conn) in self._busy]
+            self._epoch += 1
+        for conn in idle:
+            _close_quietly(conn)
+        log.info("idle database connections closed", extra={"closed": len(idle)})
 
     def close(self) -> None:
-        """Close every connection this process opened (FC preStop, tests)."""
+        """Close every connection this process opened (tests, tools)."""
         with self._all_lock:
             conns, self._all = self._all, []
         for conn in conns:
-            try:
-                conn.close()
-            except Exception:
-                log.debug("close failed", exc_info=True)
+            _close_quietly(conn)
         self._local = threading.local()
 
     def warm(self) -> None:
@@ -346,10 +394,12 @@ class Database:
 
     @contextmanager
     def _tx(self) -> Iterator[Tx]:
+        conn = None
         try:
-            conn = self._connection()
+            conn = self._checkout()
             conn.execute("BEGIN IMMEDIATE") if self.dialect == "sqlite" else conn.begin()
         except Exception as exc:
+            self._release(conn)
             self._discard()
             log.error("database unavailable", extra={"error": type(exc).__name__, "detail": str(exc)[:200]})
             raise ApiError("DatabaseError") from exc
@@ -374,6 +424,13 @@ class Database:
                 self._discard()
                 log.error("commit failed", extra={"error": type(exc).__name__})
                 raise ApiError("DatabaseError") from exc
+        finally:
+            self._release(conn)
+
+    def _release(self, conn: Any) -> None:
+        if conn is not None:
+            with self._all_lock:
+                self._busy.discard(id(conn))
 
     def _rollback(self, conn: Any) -> None:
         try:
@@ -414,6 +471,13 @@ class Database:
         return applied
 
 
+def _close_quietly(conn: Any) -> None:
+    try:
+        conn.close()
+    except Exception:
+        log.debug("closing a connection failed", exc_info=True)
+
+
 def _is_driver_error(exc: BaseException) -> bool:
     if isinstance(exc, sqlite3.Error):
         return True
@@ -448,6 +512,9 @@ class UnconfiguredDatabase:
         """Nothing to warm."""
 
     def close(self) -> None:
+        """Nothing to close."""
+
+    def close_idle(self) -> None:
         """Nothing to close."""
 
 

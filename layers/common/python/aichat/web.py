@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from flask import Flask, Response, g, request
+from flask import Flask, Response, current_app, g, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound, RequestEntityTooLarge
 
 from .auth import bearer_token, verify_token
@@ -78,11 +78,17 @@ class ApiRequest:
         self.uid: str | None = g.get("uid")
 
     def json(self) -> dict[str, Any]:
-        """The body as a JSON object, or 400 InvalidInput if it is not one."""
-        raw = request.get_data(cache=True)  # over the size cap this raises 413 (RequestEntityTooLarge)
+        """The body as a JSON object, or 400 InvalidInput if it is not one (413 if it is over the cap)."""
+        raw = request.get_data(cache=True)  # with a Content-Length over the cap this raises 413
+        limit = current_app.config["MAX_CONTENT_LENGTH"]
+        if request.content_length is None and len(raw) >= limit:
+            # A chunked body is cut at the cap rather than refused: reaching it means it was larger.
+            raise RequestEntityTooLarge()
         try:
             body = json.loads(raw.decode("utf-8")) if raw else None
-        except (UnicodeDecodeError, ValueError) as exc:
+            # A "\ud800" escape decodes to a lone surrogate no database (or log) can encode: refuse it here.
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except (UnicodeError, ValueError, RecursionError) as exc:
             raise ApiError("InvalidInput", "请求体不是合法的 JSON") from exc
         if not isinstance(body, dict):
             raise ApiError("InvalidInput", "请求体必须是 JSON 对象")
