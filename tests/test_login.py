@@ -127,6 +127,17 @@ class TestRealNumbers:
         assert body["user"] == {"uid": body["user"]["uid"], "phone_number": phone, "country_code": "86"}
         assert UID.fullmatch(body["user"]["uid"])
 
+    def test_uses_the_fresh_credentials_fc_sends(self, login, fake_dysms):
+        # FC passes the role's current temporary credentials on every request; they win over the env's.
+        phone = random_phone()
+        headers = {
+            "x-fc-access-key-id": "STS.rotated-id",
+            "x-fc-access-key-secret": "rotated-secret",
+            "x-fc-security-token": "rotated-token",
+        }
+        assert login.post("/send_code", {"phone_number": phone}, headers=headers).status_code == 200
+        assert [m["access_key_id"] for m in fake_dysms.sent if m["phone_numbers"] == phone] == ["STS.rotated-id"]
+
     def test_international_number(self, login, fake_dysms):
         phone = "91234567"
         code = send_and_read_code(login, fake_dysms, phone, country_code="852")

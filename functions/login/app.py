@@ -18,7 +18,7 @@ def login_health(req: ApiRequest) -> dict:
 
 def send_code(req: ApiRequest) -> dict:
     """Send a verification code by SMS (never for the test account)."""
-    return accounts.send_code(req.json(), client_ip=req.client_ip)
+    return accounts.send_code(req.json(), client_ip=req.client_ip, credentials=req.fc_credentials())
 
 
 def login(req: ApiRequest) -> dict:

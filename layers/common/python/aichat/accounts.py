@@ -13,7 +13,7 @@ from typing import Any
 from .auth import issue_token
 from .config import Settings
 from .errors import ApiError
-from .sms import SmsError, SmsRejected
+from .sms import Credentials, SmsError, SmsRejected
 from .store import Database, Tx, is_duplicate_key, now_ms
 
 log = logging.getLogger("aichat.accounts")
@@ -96,7 +96,9 @@ class Accounts:
         return value[:64] if isinstance(value, str) and value else None
 
     # -- send_code ---------------------------------------------------------------------------------
-    def send_code(self, body: dict[str, Any], *, client_ip: str) -> dict[str, Any]:
+    def send_code(
+        self, body: dict[str, Any], *, client_ip: str, credentials: Credentials | None = None
+    ) -> dict[str, Any]:
         """Issue and send a verification code, answering the contract's send_code body."""
         phone = self.parse_phone(body)
         source_ip = self.source_ip(body)
@@ -111,7 +113,9 @@ class Accounts:
         code = "".join(secrets.choice("0123456789") for _ in range(CODE_DIGITS))
         code_id = self._reserve(phone, code, client_ip=client_ip, source_ip=source_ip)
         try:
-            receipt = self.sms.send(phone_number=phone.phone_number, country_code=phone.country_code, code=code)
+            receipt = self.sms.send(
+                phone_number=phone.phone_number, country_code=phone.country_code, code=code, credentials=credentials
+            )
         except SmsError as exc:
             self._send_failed(phone, code_id)
             if isinstance(exc, SmsRejected):

@@ -8,7 +8,7 @@ import logging
 import re
 import threading
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlsplit
@@ -27,6 +27,15 @@ class SmsReceipt:
 
     request_id: str
     biz_id: str
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Alibaba Cloud credentials; on FC, the role's temporary ones arrive with every request."""
+
+    access_key_id: str
+    access_key_secret: str = field(repr=False)
+    security_token: str | None = field(default=None, repr=False)
 
 
 class SmsError(Exception):
@@ -54,7 +63,9 @@ class SmsUnavailable(SmsError):
 class ConsoleSmsProvider:
     """Local runs: logs the code instead of sending it."""
 
-    def send(self, *, phone_number: str, country_code: str, code: str) -> SmsReceipt:
+    def send(
+        self, *, phone_number: str, country_code: str, code: str, credentials: Credentials | None = None
+    ) -> SmsReceipt:
         """Log the code for the developer and return a synthetic receipt."""
         logger.info("SMS code for %s: %s", phone_number, code)
         return SmsReceipt(request_id="CONSOLE-" + uuid.uuid4().hex, biz_id="CONSOLE")
@@ -193,6 +204,18 @@ class DysmsProvider:
         """Describe the provider without exposing credentials."""
         return f"DysmsProvider(endpoint={self._protocol}://{self._host}, sign_name={self._sign_name!r})"
 
+    def _client_for(self, credentials: Credentials | None) -> Any:
+        """The SDK client for the request's fresh FC credentials, or the shared one built from settings."""
+        current = (self._access_key_id, self._access_key_secret, self._security_token)
+        if credentials is not None:
+            fresh = (credentials.access_key_id, credentials.access_key_secret, credentials.security_token or None)
+            if fresh != current:
+                # FC's role credentials rotate; a long-lived instance follows the ones each request carries.
+                with self._client_lock:
+                    self._access_key_id, self._access_key_secret, self._security_token = fresh
+                    self._client = None
+        return self._get_client()
+
     def _get_client(self) -> Any:
         """Return the shared SDK client, building it once under a lock."""
         # One client per provider is safe under gthread: do_request keeps per-call state in locals, static
@@ -213,10 +236,12 @@ class DysmsProvider:
                     self._client = sdk.Client(config)
         return self._client
 
-    def send(self, *, phone_number: str, country_code: str, code: str) -> SmsReceipt:
+    def send(
+        self, *, phone_number: str, country_code: str, code: str, credentials: Credentials | None = None
+    ) -> SmsReceipt:
         """Send the code via SendSms, raising SmsRejected or SmsUnavailable on failure."""
         masked = _mask(phone_number)
-        client = self._get_client()
+        client = self._client_for(credentials)
         sdk = _sdk()
         request = sdk.SendSmsRequest(
             phone_numbers=_dysms_phone_number(country_code, phone_number),

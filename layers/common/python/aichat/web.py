@@ -18,6 +18,7 @@ from .auth import bearer_token, verify_token
 from .config import Settings
 from .errors import ApiError
 from .logs import configure_logging, request_id_var
+from .sms import Credentials
 
 log = logging.getLogger("aichat.web")
 access_log = logging.getLogger("aichat.access")
@@ -93,6 +94,14 @@ class ApiRequest:
         if not isinstance(body, dict):
             raise ApiError("InvalidInput", "请求体必须是 JSON 对象")
         return body
+
+    def fc_credentials(self) -> Credentials | None:
+        """The function role's temporary credentials FC sends with each request (fresher than the env's)."""
+        key_id = request.headers.get("x-fc-access-key-id")
+        secret = request.headers.get("x-fc-access-key-secret")
+        if not (key_id and secret):
+            return None
+        return Credentials(key_id, secret, request.headers.get("x-fc-security-token") or None)
 
     @property
     def args(self) -> Any:
