@@ -2,7 +2,7 @@
 
 from functools import partial
 
-from aichat.accounts import user_exists
+from aichat.accounts import token_is_live
 from aichat.chat import Chat
 from aichat.config import load_settings
 from aichat.llm import LlmClient
@@ -37,8 +37,8 @@ def chat_stream(req: ApiRequest):
 
 
 def chat_history(req: ApiRequest) -> dict:
-    """The user's messages with one role, oldest first."""
-    return chat.history(req.user_uid(), req.args.get("role_code"))
+    """The user's messages with one role, oldest first (optionally a page: limit, before_id)."""
+    return chat.history(req.user_uid(), req.args)
 
 
 def chat_clear(req: ApiRequest) -> dict:
@@ -46,11 +46,30 @@ def chat_clear(req: ApiRequest) -> dict:
     return chat.clear(req.user_uid(), req.json())
 
 
+def chat_delete_message(req: ApiRequest) -> dict:
+    """Delete one of the user's messages (extension)."""
+    return chat.delete_message(req.user_uid(), req.json())
+
+
+def chat_regenerate(req: ApiRequest):
+    """Stream a new reply to the last user message, replacing the old one (extension)."""
+    return sse_response(chat.regenerate(req.user_uid(), req.json()))
+
+
+def chat_edit(req: ApiRequest):
+    """Edit the last user message and stream a new reply (extension)."""
+    return sse_response(chat.edit(req.user_uid(), req.json()))
+
+
 ROUTES = [
     Route("chat_roles", "GET", "/chat/roles", "none", chat_roles),
     Route("chat_stream", "POST", "/chat/stream", "bearer_jwt", chat_stream, response_type="sse"),
     Route("chat_history", "GET", "/chat/history", "bearer_jwt", chat_history),
     Route("chat_clear", "POST", "/chat/clear", "bearer_jwt", chat_clear),
+    # Extensions beyond the contract (README, docs/openapi.yaml).
+    Route("chat_delete_message", "POST", "/chat/message/delete", "bearer_jwt", chat_delete_message),
+    Route("chat_regenerate", "POST", "/chat/regenerate", "bearer_jwt", chat_regenerate, response_type="sse"),
+    Route("chat_edit", "POST", "/chat/edit", "bearer_jwt", chat_edit, response_type="sse"),
 ]
 
 app = create_app(
@@ -58,7 +77,7 @@ app = create_app(
     routes=ROUTES,
     settings=settings,
     body_limit=settings.chat_body_limit,
-    user_exists=partial(user_exists, db),
+    token_is_live=partial(token_is_live, db),
     on_initialize=db.warm,
     on_pre_stop=db.close_idle,
 )

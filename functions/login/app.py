@@ -1,6 +1,8 @@
 """LoginService web function: the route table of the contract's LoginService and its thin handlers."""
 
-from aichat.accounts import Accounts
+from functools import partial
+
+from aichat.accounts import Accounts, token_is_live
 from aichat.config import load_settings
 from aichat.sms import build_sms_provider
 from aichat.store import open_database
@@ -26,10 +28,29 @@ def login(req: ApiRequest) -> dict:
     return accounts.login(req.json())
 
 
+def me(req: ApiRequest) -> dict:
+    """The signed-in user's profile (extension)."""
+    return accounts.me(req.user_uid())
+
+
+def logout(req: ApiRequest) -> dict:
+    """Revoke the presented token everywhere (extension)."""
+    return accounts.logout(req.claims)
+
+
+def account_delete(req: ApiRequest) -> dict:
+    """Erase the account and everything stored for it (extension)."""
+    return accounts.delete_account(req.claims)
+
+
 ROUTES = [
     Route("login_health", "GET", "/health", "none", login_health),
     Route("send_code", "POST", "/send_code", "none", send_code),
     Route("login", "POST", "/login", "none", login),
+    # Extensions beyond the contract (README, docs/openapi.yaml).
+    Route("me", "GET", "/me", "bearer_jwt", me),
+    Route("logout", "POST", "/logout", "bearer_jwt", logout),
+    Route("account_delete", "POST", "/account/delete", "bearer_jwt", account_delete),
 ]
 
 app = create_app(
@@ -37,6 +58,7 @@ app = create_app(
     routes=ROUTES,
     settings=settings,
     body_limit=settings.login_body_limit,
+    token_is_live=partial(token_is_live, db),
     on_initialize=db.warm,
     on_pre_stop=db.close_idle,
 )

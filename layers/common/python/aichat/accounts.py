@@ -8,6 +8,7 @@ import logging
 import re
 import secrets
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from .auth import issue_token
@@ -302,15 +303,80 @@ class Accounts:
             return row["uid"]
         return uid
 
-    def user_exists(self, uid: str) -> bool:
-        """Whether a uid belongs to a current user."""
-        return user_exists(self.db, uid)
+    # -- account (bearer token) ----------------------------------------------------------------------
+    def me(self, uid: str) -> dict[str, Any]:
+        """The signed-in user's profile, with the phone number masked."""
+        with self.db.tx() as tx:
+            row = tx.one("SELECT uid, country_code, phone_number, created_at FROM users WHERE uid = ?", (uid,))
+        if row is None:
+            raise ApiError("Unauthorized")
+        number = row["phone_number"]
+        masked = number if len(number) <= 5 else number[:3] + "*" * (len(number) - 7) + number[-4:]
+        return {
+            "success": True,
+            "user": {
+                "uid": row["uid"],
+                "phone_number": masked,
+                "country_code": row["country_code"],
+                "created_at": datetime.fromtimestamp(row["created_at"] / 1000, self.settings.tz).strftime(
+                    "%Y-%m-%dT%H:%M:%S"
+                ),
+            },
+        }
+
+    def logout(self, claims: dict[str, Any]) -> dict[str, Any]:
+        """Revoke the presented token on every instance (it stays revoked until it would have expired)."""
+        with self.db.tx() as tx:
+            self._revoke(tx, claims)
+        log.info("logout", extra={"uid": claims["sub"]})
+        return {"success": True, "message": "已退出登录"}
+
+    def delete_account(self, claims: dict[str, Any]) -> dict[str, Any]:
+        """Erase the user, their messages, codes and limit counters, and revoke the token (one transaction)."""
+        uid = claims["sub"]
+        with self.db.tx() as tx:
+            user = tx.one("SELECT country_code, phone_number FROM users WHERE uid = ?" + tx.for_update, (uid,))
+            if user is None:
+                raise ApiError("Unauthorized")
+            erased = tx.execute("DELETE FROM messages WHERE uid = ?", (uid,))
+            tx.execute("DELETE FROM chat_events WHERE uid = ?", (uid,))
+            tx.execute("DELETE FROM stream_slots WHERE uid = ?", (uid,))
+            tx.execute(
+                "DELETE FROM verification_codes WHERE country_code = ? AND phone_number = ?",
+                (user["country_code"], user["phone_number"]),
+            )
+            tx.execute(
+                "DELETE FROM send_cooldowns WHERE phone_key = ?",
+                (Phone(user["country_code"], user["phone_number"]).key,),
+            )
+            tx.execute("DELETE FROM users WHERE uid = ?", (uid,))
+            self._revoke(tx, claims)
+        log.info("account deleted", extra={"uid": uid, "messages": erased})
+        return {"success": True, "message": "账号已注销", "deleted_messages": erased}
+
+    @staticmethod
+    def _revoke(tx: Tx, claims: dict[str, Any]) -> None:
+        jti = claims.get("jti")
+        if not isinstance(jti, str) or not jti:
+            return  # every token this service issues has a jti; anything else cannot be revoked by id
+        now = now_ms()
+        # Revocations are only needed until the token would have expired anyway.
+        tx.execute("DELETE FROM revoked_tokens WHERE expires_at < ?", (now,))
+        if not tx.one("SELECT jti FROM revoked_tokens WHERE jti = ?", (jti[:64],)):
+            tx.execute(
+                "INSERT INTO revoked_tokens (jti, expires_at) VALUES (?, ?)", (jti[:64], int(claims["exp"]) * 1000)
+            )
 
 
-def user_exists(db: Database, uid: str) -> bool:
-    """Whether a uid belongs to a current user (a token of a deleted user is not enough)."""
+def token_is_live(db: Database, claims: dict[str, Any]) -> bool:
+    """Whether a verified token still counts: its user exists and it was not revoked (one query)."""
+    jti = claims.get("jti") if isinstance(claims.get("jti"), str) else ""
     with db.tx() as tx:
-        return tx.one("SELECT uid FROM users WHERE uid = ?", (uid,)) is not None
+        row = tx.one(
+            "SELECT u.uid, r.jti FROM users u LEFT JOIN revoked_tokens r ON r.jti = ? WHERE u.uid = ?",
+            (jti[:64], claims["sub"]),
+        )
+    return row is not None and row["jti"] is None
 
 
 def _rate_limited(retry_after_ms: int, message: str) -> ApiError:

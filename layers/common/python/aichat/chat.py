@@ -10,7 +10,7 @@ import math
 import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -19,7 +19,7 @@ from .config import Settings
 from .errors import ApiError
 from .llm import LlmClient, StreamBroken, UpstreamStream
 from .roles import Role, RoleCatalog
-from .store import Database, Row, now_ms
+from .store import Database, Row, Tx, now_ms
 from .web import log_stream_end
 
 log = logging.getLogger("aichat.chat")
@@ -51,6 +51,8 @@ FALLBACK_MESSAGES = {
 }
 IMAGE_ONLY_PLACEHOLDER = "[图片]"
 MINUTE_MS = 60_000
+HISTORY_PAGE_DEFAULT = 50
+HISTORY_PAGE_MAX = 200
 # Chat templates wrap each message in a few tokens of markup.
 MESSAGE_OVERHEAD_TOKENS = 4
 # What a vision model charges for an image varies with its size; this is a safe middle estimate.
@@ -124,6 +126,16 @@ def message_tokens(message: dict[str, Any]) -> int:
     for part in content:
         total += estimate_tokens(part.get("text", "")) if part.get("type") == "text" else IMAGE_TOKENS
     return total
+
+
+def _query_int(args: Any, name: str, *, low: int, high: int) -> int | None:
+    """An optional integer query parameter within [low, high], else 400 InvalidInput."""
+    raw = args.get(name)
+    if raw is None or raw == "":
+        return None
+    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
+        raise ApiError("InvalidInput", f"参数 {name} 必须是 {low} 到 {high} 之间的整数")
+    return int(raw)
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -239,20 +251,46 @@ class Chat:
 
     # -- streaming ---------------------------------------------------------------------------------
     def stream(self, uid: str, body: dict[str, Any]) -> StreamRelay:
-        """Validate, enforce the user's limits, store the message, open the upstream; return the SSE relay.
+        """POST /chat/stream: validate, enforce limits, store the message, open the upstream, relay it.
 
         Errors before the first frame are raised as ApiError (JSON responses); after that, the relay
         reports them in-band.
         """
-        started = time.perf_counter()
         request = self.parse(body)
+        return self._start(uid, request, lambda tx: self._append_user_message(tx, uid, request))
+
+    def regenerate(self, uid: str, body: dict[str, Any]) -> StreamRelay:
+        """POST /chat/regenerate: answer the last user message again, replacing the reply after it."""
+        role = self.roles.get(body.get("role_code"))
+        request = ChatRequest(role=role, text="", image=None, params=self._params(body))
+        return self._start(uid, request, lambda tx: self._rewind(tx, uid, request, message_id=None, new=None))
+
+    def edit(self, uid: str, body: dict[str, Any]) -> StreamRelay:
+        """POST /chat/edit: replace the last user message's text (and image), then regenerate the reply."""
+        request = self.parse(body)
+        message_id = body.get("message_id")
+        if message_id is not None and (isinstance(message_id, bool) or not isinstance(message_id, int)):
+            raise ApiError("InvalidInput", "参数 message_id 必须是整数")
+        return self._start(uid, request, lambda tx: self._rewind(tx, uid, request, message_id=message_id, new=request))
+
+    def _start(self, uid: str, request: ChatRequest, write: Callable[[Tx], tuple[ChatRequest, int]]) -> StreamRelay:
+        """Common path of every streamed reply: limits, the conversation write, the upstream, the relay."""
+        started = time.perf_counter()
         if not self.llm.api_key:
             raise ApiError("MissingApiKey")
-        history, message_id, slot_id = self._accept(uid, request)
+        with self.db.tx() as tx:
+            slot_id = self._take_slot(tx, uid)
+            turn, message_id = write(tx)
+            history = tx.all(
+                "SELECT sender_role, content, has_image FROM messages WHERE uid = ? AND role_code = ? AND id < ?"
+                " ORDER BY id DESC LIMIT ?",
+                (uid, request.role.role_code, message_id, self.settings.history_max_messages),
+            )
+        history.reverse()
         payload: dict[str, Any] = {
-            "model": self.settings.llm_vision_model if request.image else self.settings.llm_model,
-            "messages": self.build_messages(request, history),
-            **request.params,
+            "model": self.settings.llm_vision_model if turn.image else self.settings.llm_model,
+            "messages": self.build_messages(turn, history),
+            **turn.params,
         }
         if self.settings.llm_include_usage:
             payload["stream_options"] = {"include_usage": True}
@@ -263,56 +301,70 @@ class Chat:
             raise
         log.info(
             "stream opened",
-            extra={
-                "uid": uid,
-                "role_code": request.role.role_code,
-                "message_id": message_id,
-                "model": payload["model"],
-            },
+            extra={"uid": uid, "role_code": turn.role.role_code, "message_id": message_id, "model": payload["model"]},
         )
         return StreamRelay(
-            self, uid=uid, role_code=request.role.role_code, upstream=upstream, slot_id=slot_id, started=started
+            self, uid=uid, role_code=turn.role.role_code, upstream=upstream, slot_id=slot_id, started=started
         )
 
-    def _accept(self, uid: str, request: ChatRequest) -> tuple[list[Row], int, int]:
-        """In one transaction: check the user's rate limits, take a stream slot, store the message.
-
-        Returns the recent history (oldest first), the stored message's id and the slot's id.
-        """
+    def _take_slot(self, tx: Tx, uid: str) -> int:
+        """Enforce the user's rate limits, count this message and take a stream slot (inside the caller's tx)."""
         s = self.settings
         now = now_ms()
-        with self.db.tx() as tx:
-            # Lock the user's row so one user's concurrent requests are counted one at a time.
-            tx.one("SELECT uid FROM users WHERE uid = ?" + tx.for_update, (uid,))
-            tx.execute("DELETE FROM stream_slots WHERE uid = ? AND expires_at <= ?", (uid, now))
-            open_streams = tx.one("SELECT COUNT(*) AS n FROM stream_slots WHERE uid = ?", (uid,))
-            if open_streams and open_streams["n"] >= s.chat_max_concurrent_streams:
-                raise ApiError("RateLimited", "同时进行的对话过多，请等当前回复结束", retry_after=STREAM_RETRY_AFTER_S)
-            window = tx.one(
-                "SELECT COUNT(*) AS n, MIN(created_at) AS oldest FROM chat_events WHERE uid = ? AND created_at > ?",
-                (uid, now - MINUTE_MS),
+        # Lock the user's row so one user's concurrent requests are counted one at a time.
+        tx.one("SELECT uid FROM users WHERE uid = ?" + tx.for_update, (uid,))
+        tx.execute("DELETE FROM stream_slots WHERE uid = ? AND expires_at <= ?", (uid, now))
+        open_streams = tx.one("SELECT COUNT(*) AS n FROM stream_slots WHERE uid = ?", (uid,))
+        if open_streams and open_streams["n"] >= s.chat_max_concurrent_streams:
+            raise ApiError("RateLimited", "同时进行的对话过多，请等当前回复结束", retry_after=STREAM_RETRY_AFTER_S)
+        window = tx.one(
+            "SELECT COUNT(*) AS n, MIN(created_at) AS oldest FROM chat_events WHERE uid = ? AND created_at > ?",
+            (uid, now - MINUTE_MS),
+        )
+        if window and window["n"] >= s.chat_messages_per_minute:
+            retry = -(-(window["oldest"] + MINUTE_MS - now) // 1000)
+            raise ApiError("RateLimited", "发送太快了，请稍后再试", retry_after=max(1, retry))
+        # Events older than the window are never read again; trimming here keeps the table small.
+        tx.execute("DELETE FROM chat_events WHERE uid = ? AND created_at <= ?", (uid, now - MINUTE_MS))
+        tx.insert("INSERT INTO chat_events (uid, created_at) VALUES (?, ?)", (uid, now))
+        return tx.insert(
+            "INSERT INTO stream_slots (uid, expires_at) VALUES (?, ?)", (uid, now + s.stream_lease_s * 1000)
+        )
+
+    def _append_user_message(self, tx: Tx, uid: str, request: ChatRequest) -> tuple[ChatRequest, int]:
+        message_id = tx.insert(
+            "INSERT INTO messages (uid, role_code, sender_role, content, has_image, is_partial, created_at)"
+            " VALUES (?, ?, 'user', ?, ?, 0, ?)",
+            (uid, request.role.role_code, request.text, int(request.image is not None), now_ms()),
+        )
+        return request, message_id
+
+    def _rewind(
+        self, tx: Tx, uid: str, request: ChatRequest, *, message_id: int | None, new: ChatRequest | None
+    ) -> tuple[ChatRequest, int]:
+        """Drop the replies after the conversation's last user message (editing it first if `new`)."""
+        last = tx.one(
+            "SELECT id, content, has_image FROM messages WHERE uid = ? AND role_code = ? AND sender_role = 'user'"
+            " ORDER BY id DESC LIMIT 1" + tx.for_update,
+            (uid, request.role.role_code),
+        )
+        if last is None:
+            raise ApiError("InvalidInput", "当前会话还没有可以重新生成的消息")
+        if message_id is not None and message_id != last["id"]:
+            raise ApiError("InvalidInput", "只能编辑最后一条用户消息")
+        tx.execute(
+            "DELETE FROM messages WHERE uid = ? AND role_code = ? AND id > ?",
+            (uid, request.role.role_code, last["id"]),
+        )
+        if new is not None:
+            tx.execute(
+                "UPDATE messages SET content = ?, has_image = ?, created_at = ? WHERE id = ?",
+                (new.text, int(new.image is not None), now_ms(), last["id"]),
             )
-            if window and window["n"] >= s.chat_messages_per_minute:
-                retry = -(-(window["oldest"] + MINUTE_MS - now) // 1000)
-                raise ApiError("RateLimited", "发送太快了，请稍后再试", retry_after=max(1, retry))
-            # Events older than the window are never read again; trimming here keeps the table small.
-            tx.execute("DELETE FROM chat_events WHERE uid = ? AND created_at <= ?", (uid, now - MINUTE_MS))
-            tx.insert("INSERT INTO chat_events (uid, created_at) VALUES (?, ?)", (uid, now))
-            slot_id = tx.insert(
-                "INSERT INTO stream_slots (uid, expires_at) VALUES (?, ?)", (uid, now + s.stream_lease_s * 1000)
-            )
-            history = tx.all(
-                "SELECT sender_role, content, has_image FROM messages WHERE uid = ? AND role_code = ?"
-                " ORDER BY id DESC LIMIT ?",
-                (uid, request.role.role_code, s.history_max_messages),
-            )
-            message_id = tx.insert(
-                "INSERT INTO messages (uid, role_code, sender_role, content, has_image, is_partial, created_at)"
-                " VALUES (?, ?, 'user', ?, ?, 0, ?)",
-                (uid, request.role.role_code, request.text, int(request.image is not None), now),
-            )
-        history.reverse()
-        return history, message_id, slot_id
+            return new, last["id"]
+        # The image itself is never stored, so a regenerated turn carries its text (or a placeholder).
+        text = last["content"] or (IMAGE_ONLY_PLACEHOLDER if last["has_image"] else "")
+        return ChatRequest(role=request.role, text=text, image=None, params=request.params), last["id"]
 
     def _release_slot(self, slot_id: int) -> None:
         """Free a stream slot; if the database is down the lease frees it later."""
@@ -381,30 +433,64 @@ class Chat:
             )
 
     # -- history and clear -------------------------------------------------------------------------
-    def history(self, uid: str, role_code: Any) -> dict[str, Any]:
-        """This user's messages with a role, oldest first."""
-        role = self.roles.get(role_code)
+    def history(self, uid: str, args: Any) -> dict[str, Any]:
+        """This user's messages with a role, oldest first; a page of them when `limit`/`before_id` is given.
+
+        Without paging parameters the response is exactly the contract's (every message, no extra fields).
+        """
+        role = self.roles.get(args.get("role_code"))
+        limit = _query_int(args, "limit", low=1, high=HISTORY_PAGE_MAX)
+        before_id = _query_int(args, "before_id", low=1, high=2**63 - 1)
+        paged = limit is not None or before_id is not None
+        sql = (
+            "SELECT id, sender_role, content, has_image, is_partial, created_at FROM messages"
+            " WHERE uid = ? AND role_code = ?"
+        )
+        params: list[Any] = [uid, role.role_code]
+        if before_id is not None:
+            sql += " AND id < ?"
+            params.append(before_id)
+        if paged:
+            # Newest first to take the page, one extra row to learn whether more remain; shown oldest first.
+            page_size = limit or HISTORY_PAGE_DEFAULT
+            sql += " ORDER BY id DESC LIMIT ?"
+            params.append(page_size + 1)
+        else:
+            sql += " ORDER BY id"
         with self.db.tx() as tx:
-            rows = tx.all(
-                "SELECT id, sender_role, content, has_image, is_partial, created_at FROM messages"
-                " WHERE uid = ? AND role_code = ? ORDER BY id",
-                (uid, role.role_code),
-            )
+            rows = tx.all(sql, params)
+        body: dict[str, Any] = {"success": True, "role_code": role.role_code}
+        if paged:
+            has_more = len(rows) > page_size
+            rows = list(reversed(rows[:page_size]))
+            body["messages"] = [self._history_item(row) for row in rows]
+            body["has_more"] = has_more
+            body["next_before_id"] = int(rows[0]["id"]) if has_more and rows else None
+        else:
+            body["messages"] = [self._history_item(row) for row in rows]
+        return body
+
+    def _history_item(self, row: Row) -> dict[str, Any]:
         return {
-            "success": True,
-            "role_code": role.role_code,
-            "messages": [
-                {
-                    "id": int(row["id"]),
-                    "sender_role": row["sender_role"],
-                    "content": row["content"],
-                    "has_image": bool(row["has_image"]),
-                    "is_partial": bool(row["is_partial"]),
-                    "created_at": format_time(row["created_at"], self.settings),
-                }
-                for row in rows
-            ],
+            "id": int(row["id"]),
+            "sender_role": row["sender_role"],
+            "content": row["content"],
+            "has_image": bool(row["has_image"]),
+            "is_partial": bool(row["is_partial"]),
+            "created_at": format_time(row["created_at"], self.settings),
         }
+
+    def delete_message(self, uid: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Delete one of this user's messages by id (404 for an unknown id or another user's message)."""
+        message_id = body.get("message_id")
+        if message_id is None or isinstance(message_id, bool) or not isinstance(message_id, int):
+            raise ApiError("InvalidInput", "参数 message_id 必须是整数")
+        with self.db.tx() as tx:
+            # The uid in the WHERE clause is the authorisation: another user's id looks exactly like an unknown one.
+            deleted = tx.execute("DELETE FROM messages WHERE id = ? AND uid = ?", (message_id, uid))
+        if not deleted:
+            raise ApiError("MessageNotFound")
+        return {"success": True, "message": "消息已删除", "deleted_count": deleted}
 
     def clear(self, uid: str, body: dict[str, Any]) -> dict[str, Any]:
         """Delete this user's messages with one role (other roles and users are untouched)."""

@@ -24,6 +24,7 @@ CATALOG: dict[str, tuple[int, str]] = {
     "NotFound": (404, "接口不存在"),
     "MethodNotAllowed": (405, "请求方法不被允许"),
     "PayloadTooLarge": (413, "请求体过大"),
+    "MessageNotFound": (404, "消息不存在"),
 }
 
 

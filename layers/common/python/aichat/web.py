@@ -77,6 +77,7 @@ class ApiRequest:
         self.request_id: str = g.request_id
         self.client_ip: str = client_ip(settings)
         self.uid: str | None = g.get("uid")
+        self.claims: dict[str, Any] = g.get("claims") or {}
 
     def json(self) -> dict[str, Any]:
         """The body as a JSON object, or 400 InvalidInput if it is not one (413 if it is over the cap)."""
@@ -132,7 +133,7 @@ def create_app(
     routes: Sequence[Route],
     settings: Settings,
     body_limit: int,
-    user_exists: Callable[[str], bool] | None = None,
+    token_is_live: Callable[[dict[str, Any]], bool] | None = None,
     on_initialize: Callable[[], None] | None = None,
     on_pre_stop: Callable[[], None] | None = None,
 ) -> Flask:
@@ -151,7 +152,7 @@ def create_app(
         app.add_url_rule(
             route.path,
             endpoint=route.operation_id,
-            view_func=_view(route, settings, user_exists),
+            view_func=_view(route, settings, token_is_live),
             methods=[route.method],
             provide_automatic_options=False,
         )
@@ -216,13 +217,17 @@ def create_app(
     return app
 
 
-def _view(route: Route, settings: Settings, user_exists: Callable[[str], bool] | None) -> Callable[[], Any]:
+def _view(
+    route: Route, settings: Settings, token_is_live: Callable[[dict[str, Any]], bool] | None
+) -> Callable[[], Any]:
     def view() -> Any:
         if route.auth == "bearer_jwt":
             claims = verify_token(bearer_token(request.headers.get("Authorization")), secret=settings.jwt_secret)
-            if user_exists is not None and not user_exists(claims["sub"]):
+            # A valid signature is not enough: the user may have been deleted or the token revoked.
+            if token_is_live is not None and not token_is_live(claims):
                 raise ApiError("Unauthorized")
             g.uid = claims["sub"]
+            g.claims = claims
         result = route.handler(ApiRequest(settings, route))
         if isinstance(result, Response):
             return result
