@@ -307,6 +307,31 @@ class TestUpstreamFailures:
         assert messages[0]["content"] == "别走"
         assert messages[1]["is_partial"] is True and messages[1]["content"] in ("一", "一二", "一二三")
 
+    def test_client_disconnect_while_upstream_is_silent(self, user, fake_llm):
+        # The upstream goes quiet (a long "thinking" pause); the user leaves. The service must notice at
+        # once (not at the 5 s read timeout, nor whenever the next frame comes), cut the upstream, keep what
+        # arrived and free the stream slot.
+        fake_llm.enqueue(chunks=["想", "一", "想"], hang_after=2)
+        res = stream(user, {"role_code": "naitang", "message": "你在想什么"})
+        events = sse_events(res)
+        received = ""
+        while received != "想一":
+            received += frame_text([next(events)[1]])
+        left = time.monotonic()
+        res.close()
+        while time.monotonic() - left < 3:
+            messages = history(user)
+            if len(messages) == 2:
+                break
+            time.sleep(0.05)
+        assert time.monotonic() - left < 1.5
+        assert messages[1]["content"] == "想一" and messages[1]["is_partial"] is True
+        # Both stream slots are free again: two streams can run at once right away.
+        first, second = (stream(user, {"role_code": "naitang", "message": f"再来{i}"}) for i in range(2))
+        assert first.status_code == second.status_code == 200
+        first.close()
+        second.close()
+
 
 class TestValidation:
     @pytest.mark.parametrize(

@@ -50,9 +50,11 @@ class TestChatRateLimits:
         for _ in range(2):
             fake_llm.enqueue(chunks=["一", "二"], hang_after=1)
         first, second = (stream(client, {"role_code": "naitang", "message": "慢慢说"}) for _ in range(2))
-        for res in (first, second):
+        # Keep the readers referenced: a collected reader closes its connection, which is a hang-up.
+        readers = [sse_events(res) for res in (first, second)]
+        for res, reader in zip((first, second), readers, strict=True):
             assert res.status_code == 200
-            next(sse_events(res))
+            next(reader)
         res = client.post("/chat/stream", {"role_code": "naitang", "message": "第三个"})
         assert_error(res, 429, "RateLimited")
         assert int(res.headers["Retry-After"]) >= 1

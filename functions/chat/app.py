@@ -33,7 +33,7 @@ def chat_roles(req: ApiRequest) -> dict:
 
 def chat_stream(req: ApiRequest):
     """Stream the role's reply to the user's message as SSE."""
-    return sse_response(chat.stream(req.user_uid(), req.json()))
+    return sse_response(chat.stream(req.user_uid(), req.json(), client=req.client_socket))
 
 
 def chat_history(req: ApiRequest) -> dict:
@@ -53,12 +53,12 @@ def chat_delete_message(req: ApiRequest) -> dict:
 
 def chat_regenerate(req: ApiRequest):
     """Stream a new reply to the last user message, replacing the old one (extension)."""
-    return sse_response(chat.regenerate(req.user_uid(), req.json()))
+    return sse_response(chat.regenerate(req.user_uid(), req.json(), client=req.client_socket))
 
 
 def chat_edit(req: ApiRequest):
     """Edit the last user message and stream a new reply (extension)."""
-    return sse_response(chat.edit(req.user_uid(), req.json()))
+    return sse_response(chat.edit(req.user_uid(), req.json(), client=req.client_socket))
 
 
 ROUTES = [

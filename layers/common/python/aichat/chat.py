@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import re
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -16,6 +17,7 @@ from datetime import datetime
 from typing import Any
 
 from .config import Settings
+from .disconnect import watcher
 from .errors import ApiError
 from .llm import LlmClient, StreamBroken, UpstreamStream
 from .roles import Role, RoleCatalog
@@ -138,6 +140,10 @@ def _query_int(args: Any, name: str, *, low: int, high: int) -> int | None:
     return int(raw)
 
 
+def _nothing() -> None:
+    return None
+
+
 def _int_or_none(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
@@ -250,30 +256,38 @@ class Chat:
         return ChatImage(mime_type=mime_type, base64_data=data.decode("ascii"), size=len(decoded))
 
     # -- streaming ---------------------------------------------------------------------------------
-    def stream(self, uid: str, body: dict[str, Any]) -> StreamRelay:
+    def stream(self, uid: str, body: dict[str, Any], *, client: socket.socket | None = None) -> StreamRelay:
         """POST /chat/stream: validate, enforce limits, store the message, open the upstream, relay it.
 
         Errors before the first frame are raised as ApiError (JSON responses); after that, the relay
         reports them in-band.
         """
         request = self.parse(body)
-        return self._start(uid, request, lambda tx: self._append_user_message(tx, uid, request))
+        return self._start(uid, request, lambda tx: self._append_user_message(tx, uid, request), client)
 
-    def regenerate(self, uid: str, body: dict[str, Any]) -> StreamRelay:
+    def regenerate(self, uid: str, body: dict[str, Any], *, client: socket.socket | None = None) -> StreamRelay:
         """POST /chat/regenerate: answer the last user message again, replacing the reply after it."""
         role = self.roles.get(body.get("role_code"))
         request = ChatRequest(role=role, text="", image=None, params=self._params(body))
-        return self._start(uid, request, lambda tx: self._rewind(tx, uid, request, message_id=None, new=None))
+        return self._start(uid, request, lambda tx: self._rewind(tx, uid, request, message_id=None, new=None), client)
 
-    def edit(self, uid: str, body: dict[str, Any]) -> StreamRelay:
+    def edit(self, uid: str, body: dict[str, Any], *, client: socket.socket | None = None) -> StreamRelay:
         """POST /chat/edit: replace the last user message's text (and image), then regenerate the reply."""
         request = self.parse(body)
         message_id = body.get("message_id")
         if message_id is not None and (isinstance(message_id, bool) or not isinstance(message_id, int)):
             raise ApiError("InvalidInput", "参数 message_id 必须是整数")
-        return self._start(uid, request, lambda tx: self._rewind(tx, uid, request, message_id=message_id, new=request))
+        return self._start(
+            uid, request, lambda tx: self._rewind(tx, uid, request, message_id=message_id, new=request), client
+        )
 
-    def _start(self, uid: str, request: ChatRequest, write: Callable[[Tx], tuple[ChatRequest, int]]) -> StreamRelay:
+    def _start(
+        self,
+        uid: str,
+        request: ChatRequest,
+        write: Callable[[Tx], tuple[ChatRequest, int]],
+        client: socket.socket | None,
+    ) -> StreamRelay:
         """Common path of every streamed reply: limits, the conversation write, the upstream, the relay."""
         started = time.perf_counter()
         if not self.llm.api_key:
@@ -304,7 +318,13 @@ class Chat:
             extra={"uid": uid, "role_code": turn.role.role_code, "message_id": message_id, "model": payload["model"]},
         )
         return StreamRelay(
-            self, uid=uid, role_code=turn.role.role_code, upstream=upstream, slot_id=slot_id, started=started
+            self,
+            uid=uid,
+            role_code=turn.role.role_code,
+            upstream=upstream,
+            slot_id=slot_id,
+            started=started,
+            client=client,
         )
 
     def _take_slot(self, tx: Tx, uid: str) -> int:
@@ -509,7 +529,15 @@ class StreamRelay:
     """
 
     def __init__(
-        self, chat: Chat, *, uid: str, role_code: str, upstream: UpstreamStream, slot_id: int, started: float
+        self,
+        chat: Chat,
+        *,
+        uid: str,
+        role_code: str,
+        upstream: UpstreamStream,
+        slot_id: int,
+        started: float,
+        client: socket.socket | None = None,
     ) -> None:
         self.chat = chat
         self.uid = uid
@@ -522,7 +550,9 @@ class StreamRelay:
         self.outcome = "client_gone"
         self.frames_sent = 0
         self._finished = False
+        self.client_gone = False
         self._frames = self._run()
+        self._unwatch = watcher.watch(client, self._on_client_gone) if client is not None else _nothing
 
     def __iter__(self) -> StreamRelay:
         return self
@@ -553,6 +583,8 @@ class StreamRelay:
                 if not (self.upstream.done or finished):
                     raise StreamBroken("NetworkError", "upstream ended before finishing")
             except StreamBroken as exc:
+                if self.client_gone:
+                    return  # we cut the upstream ourselves: nobody is left to tell; _finish keeps what arrived
                 self.outcome = f"broken:{exc.code}"
                 log.warning(
                     "upstream stream broke", extra={"uid": self.uid, "reason": exc.reason, "frames": self.frames_sent}
@@ -575,10 +607,16 @@ class StreamRelay:
         finally:
             self._finish()
 
+    def _on_client_gone(self) -> None:
+        # Runs on the watcher thread: unblock the relay's read; the relay thread does the cleanup.
+        self.client_gone = True
+        self.upstream.abort()
+
     def _finish(self) -> None:
         if self._finished:
             return
         self._finished = True
+        self._unwatch()
         self.upstream.close()
         if not self.saved:
             # The client went away (or something unexpected happened): keep what arrived.

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import socket
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -74,6 +76,13 @@ class UpstreamStream:
     def close(self) -> None:
         """Release the upstream connection (closing it if the body was not read to the end)."""
         self._response.close()
+
+    def abort(self) -> None:
+        """Cut the upstream connection from another thread, so a read blocked on it returns at once."""
+        sock = getattr(getattr(self._response.raw, "connection", None), "sock", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
 
 def _broken(exc: BaseException) -> StreamBroken:

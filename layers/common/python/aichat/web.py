@@ -105,6 +105,11 @@ class ApiRequest:
         return Credentials(key_id, secret, request.headers.get("x-fc-security-token") or None)
 
     @property
+    def client_socket(self) -> Any:
+        """The client's socket under gunicorn (to notice a hang-up during a stream), else None."""
+        return request.environ.get("gunicorn.socket")
+
+    @property
     def args(self) -> Any:
         """The query string parameters."""
         return request.args
