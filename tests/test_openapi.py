@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -15,13 +16,14 @@ import pytest
 import requests
 import schemathesis
 import yaml
+from aichat.auth import issue_token
 from aichat.errors import CATALOG
 from openapi_spec_validator import validate as validate_openapi
 from openapi_spec_validator.validation import OpenAPIV31SpecValidator
 from schemathesis.specs.openapi import checks as openapi_checks
 
 from tests.conftest import IN_CI, chat_env
-from tests.servers import LAYER, ROOT, TEST_SECRET
+from tests.servers import LAYER, ROOT, TEST_SECRET, ServerProcess, random_phone
 
 SPEC_PATH = ROOT / "docs" / "openapi.yaml"
 CONTRACT_PATH = ROOT.parent / "shared" / "contract" / "aichat-api.md"
@@ -31,6 +33,10 @@ HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "tra
 # Codes that the code answers with a status other than their CATALOG default (errors.py, llm.py, web.py).
 EXTRA_STATUSES = {("SendCodeFailed", 400), ("NetworkError", 504)}
 TEST_ACCOUNT = {"phone_number": "10086", "country_code": "86", "verify_code": "1234"}
+# The operations the services serve beyond the contract's catalog; the document marks each `x-extension: true`.
+EXTENSIONS = {"me", "logout", "account_delete", "chat_delete_message", "chat_regenerate", "chat_edit"}
+STREAMED = ("chat_stream", "chat_regenerate", "chat_edit")
+SERVER_ERRORS = {"DatabaseError", "MissingDatabaseConfig", "InternalError"}
 
 
 def load_spec() -> dict[str, Any]:
@@ -106,6 +112,8 @@ def test_every_documented_error_has_the_status_the_code_uses() -> None:
     allowed = {(code, status) for code, (status, _) in CATALOG.items()} | EXTRA_STATUSES
     for name, response in spec["components"]["responses"].items():
         assert "X-Request-Id" in response["headers"], f"components/responses/{name}: no X-Request-Id header"
+        if list(response["content"]) == ["text/event-stream"]:
+            continue  # the success answer the streamed operations share
         assert documented_codes(spec, response), f"components/responses/{name}: no error code"
     for op in spec_operations(spec).values():
         for status, response in op["operation"]["responses"].items():
@@ -138,6 +146,9 @@ def test_operations_document_the_errors_the_code_can_produce() -> None:
             "413": {"PayloadTooLarge"},
             "500": {"DatabaseError", "MissingDatabaseConfig", "InternalError"},
         },
+        "me": {"401": {"Unauthorized"}, "500": SERVER_ERRORS},
+        "logout": {"401": {"Unauthorized"}, "413": {"PayloadTooLarge"}, "500": SERVER_ERRORS},
+        "account_delete": {"401": {"Unauthorized"}, "413": {"PayloadTooLarge"}, "500": SERVER_ERRORS},
         "chat_roles": {"500": {"DatabaseError", "MissingDatabaseConfig", "InternalError"}},
         "chat_stream": {
             "400": {"InvalidInput", "InvalidImage"},
@@ -162,6 +173,33 @@ def test_operations_document_the_errors_the_code_can_produce() -> None:
             "413": {"PayloadTooLarge"},
             "500": {"DatabaseError", "MissingDatabaseConfig", "InternalError"},
         },
+        "chat_delete_message": {
+            "400": {"InvalidInput"},
+            "401": {"Unauthorized"},
+            "404": {"MessageNotFound"},
+            "413": {"PayloadTooLarge"},
+            "500": SERVER_ERRORS,
+        },
+        "chat_regenerate": {
+            "400": {"InvalidInput"},
+            "401": {"Unauthorized"},
+            "404": {"RoleNotFound"},
+            "413": {"PayloadTooLarge"},
+            "429": {"RateLimited"},
+            "500": {"MissingApiKey"} | SERVER_ERRORS,
+            "502": {"UpstreamHTTPError", "NetworkError"},
+            "504": {"NetworkError"},
+        },
+        "chat_edit": {
+            "400": {"InvalidInput", "InvalidImage"},
+            "401": {"Unauthorized"},
+            "404": {"RoleNotFound"},
+            "413": {"PayloadTooLarge"},
+            "429": {"RateLimited"},
+            "500": {"MissingApiKey"} | SERVER_ERRORS,
+            "502": {"UpstreamHTTPError", "NetworkError"},
+            "504": {"NetworkError"},
+        },
     }
     assert set(operations) == set(expected)
     for operation_id, errors in expected.items():
@@ -172,7 +210,7 @@ def test_operations_document_the_errors_the_code_can_produce() -> None:
             if not status.startswith("2")
         }
         assert documented == errors, operation_id
-    for operation_id in ("send_code", "chat_stream"):
+    for operation_id in ("send_code", *STREAMED):
         too_many = resolve(spec, operations[operation_id]["operation"]["responses"]["429"])
         assert resolve(spec, too_many["headers"]["Retry-After"])["required"] is True, operation_id
     for name in ("NotFound", "MethodNotAllowed"):
@@ -180,10 +218,11 @@ def test_operations_document_the_errors_the_code_can_produce() -> None:
     assert "Allow" in spec["components"]["responses"]["MethodNotAllowed"]["headers"]
 
 
-def test_chat_stream_answers_server_sent_events() -> None:
-    """chat_stream's 200 is text/event-stream, a string whose frames are StreamChunk, ending with [DONE]."""
+@pytest.mark.parametrize("operation_id", STREAMED)
+def test_streamed_operations_answer_server_sent_events(operation_id: str) -> None:
+    """A streamed 200 is text/event-stream, a string whose frames are StreamChunk, ending with [DONE]."""
     spec = load_spec()
-    ok = spec_operations(spec)["chat_stream"]["operation"]["responses"]["200"]
+    ok = resolve(spec, spec_operations(spec)[operation_id]["operation"]["responses"]["200"])
     assert list(ok["content"]) == ["text/event-stream"]
     stream = ok["content"]["text/event-stream"]
     assert stream["schema"]["type"] == "string"
@@ -268,6 +307,15 @@ def test_route_tables_match_the_document(route_tables: dict[str, list[dict[str, 
             assert "401" in operation["operation"]["responses"], f"{operation_id} does not document 401"
 
 
+def test_extensions_are_marked() -> None:
+    """Exactly the operations beyond the contract carry `x-extension: true`; the contract's carry no marker."""
+    marked = {}
+    for operation_id, op in spec_operations(load_spec()).items():
+        if "x-extension" in op["operation"]:
+            marked[operation_id] = op["operation"]["x-extension"]
+    assert marked == dict.fromkeys(EXTENSIONS, True)
+
+
 @pytest.mark.skipif(
     not CONTRACT_PATH.exists() and not IN_CI, reason=f"{CONTRACT_PATH} is absent (it is required in CI)"
 )
@@ -284,12 +332,22 @@ def test_contract_catalog_matches_the_document_and_the_routes(route_tables: dict
     in_contract = {tuple(endpoint[k] for k in keys) for _, _, endpoint in listed.values()}
     in_document = {(op_id, op["method"], op["path"], op["auth"]) for op_id, op in documented.items()}
     in_routes = {tuple(route[k] for k in keys) for routes in route_tables.values() for route in routes}
-    assert in_contract == in_document, "contract catalog vs docs/openapi.yaml"
-    assert in_contract == in_routes, "contract catalog vs the route tables"
+    # Every contract operation is served and documented exactly as the catalog lists it...
+    assert in_contract <= in_document, "contract catalog vs docs/openapi.yaml"
+    assert in_contract <= in_routes, "contract catalog vs the route tables"
+    assert in_routes == in_document, "route tables vs docs/openapi.yaml"
+    # ... and the rest are exactly the operations the document marks as extensions.
+    extensions = {op_id for op_id, op in documented.items() if op["operation"].get("x-extension") is True}
+    assert {entry[0] for entry in in_document - in_contract} == extensions
+    assert not extensions & set(listed), "a contract operation is marked x-extension"
     for operation_id, (service, base_url, _) in listed.items():
         operation = documented[operation_id]
         assert operation["operation"]["tags"] == [service]
         assert base_url in [server["url"] for server in operation["item"]["servers"]], operation_id
+    for operation_id in extensions:  # an extension lives on its service's production URL as well
+        operation = documented[operation_id]
+        (service,) = operation["operation"]["tags"]
+        assert catalog["services"][service]["base_url"] in [server["url"] for server in operation["item"]["servers"]]
     assert set(catalog["services"]) == {tag["name"] for tag in spec["tags"]}
     top_level = {server["url"] for server in spec["servers"]}
     assert {entry["base_url"] for entry in catalog["services"].values()} | set(LOCAL_URLS.values()) == top_level
@@ -302,28 +360,78 @@ def test_contract_catalog_matches_the_document_and_the_routes(route_tables: dict
 class LiveServices:
     """Both services running on one SQLite database, and a bearer token of the test account."""
 
-    login_url: str
+    login: ServerProcess
     chat_url: str
     token: str
+    uid: str
     bearer_paths: frozenset[tuple[str, str]]
+    operation_ids: dict[tuple[str, str], str]
+    roles: frozenset[str]
     addresses: itertools.count
+
+    @property
+    def login_url(self) -> str:
+        """LoginService's base URL."""
+        return self.login.base_url
 
     def base_url(self, path: str) -> str:
         """The service a path belongs to."""
         return self.chat_url if path.startswith("/chat/") else self.login_url
 
-    def headers(self, method: str, path: str) -> dict[str, str]:
+    def headers(self, method: str, path: str, token: str | None = None) -> dict[str, str]:
         """Per-request headers: a fresh client address (abuse limits count per IP) and the bearer token."""
         n = next(self.addresses)
         headers = {"X-Forwarded-For": f"198.18.{n // 250 % 250}.{n % 250 + 1}"}
         if (method.upper(), path) in self.bearer_paths:
-            headers["Authorization"] = f"Bearer {self.token}"
+            headers["Authorization"] = f"Bearer {token or self.token}"
         return headers
+
+    def fresh_test_account_token(self) -> str:
+        """A new token of the test account (its own jti: revoking it leaves every other token alone)."""
+        answer = requests.post(
+            f"{self.login_url}/login", json=TEST_ACCOUNT, headers=self.headers("POST", "/login"), timeout=30
+        )
+        assert answer.status_code == 200, answer.text
+        return answer.json()["access_token"]
+
+    def new_account(self, phone: str | None = None, country_code: str = "86") -> tuple[str, str]:
+        """Sign a user up through the real flow (the console SMS provider logs the code); (uid, token)."""
+        phone = phone or random_phone()
+        body = {"phone_number": phone, "country_code": country_code}
+        sent = requests.post(
+            f"{self.login_url}/send_code", json=body, headers=self.headers("POST", "/send_code"), timeout=30
+        )
+        assert sent.status_code == 200, sent.text
+        codes = re.findall(rf"SMS code for {phone}: ([0-9]+)", self.login.log())
+        assert codes, f"no code for {phone} in LoginService's log"
+        answer = requests.post(
+            f"{self.login_url}/login",
+            json={**body, "verify_code": codes[-1]},
+            headers=self.headers("POST", "/login"),
+            timeout=30,
+        )
+        assert answer.status_code == 200, answer.text
+        return answer.json()["user"]["uid"], answer.json()["access_token"]
+
+    def seed(self, role_code: str = "naitang", token: str | None = None, message: str = "在吗？") -> None:
+        """One complete exchange (a user message and its reply) in a conversation, via /chat/stream."""
+        answer = requests.post(
+            f"{self.chat_url}/chat/stream",
+            json={"role_code": role_code, "message": message},
+            headers=self.headers("POST", "/chat/stream", token),
+            timeout=30,
+        )
+        assert answer.status_code == 200, answer.text[:300]
+        assert answer.text.endswith("data: [DONE]\n\n"), answer.text[-300:]
 
 
 @pytest.fixture(scope="module")
 def live(start_server, fake_llm_server, tmp_path_factory: pytest.TempPathFactory) -> LiveServices:
-    """LoginService (console SMS) and ChatService (fake upstream) on a fresh SQLite database."""
+    """LoginService (console SMS) and ChatService (fake upstream) on a fresh SQLite database.
+
+    The test account's naitang conversation is seeded with one exchange, so regenerate and edit have a
+    user message to work on from the start.
+    """
     db_url = f"sqlite:///{tmp_path_factory.mktemp('openapi-db') / 'aichat.db'}"
     fake_llm_server.reset()  # no scripted failure left over from another test
     login = start_server("login", AICHAT_DB_URL=db_url)
@@ -332,10 +440,20 @@ def live(start_server, fake_llm_server, tmp_path_factory: pytest.TempPathFactory
     chat = start_server("chat", **chat_env(fake_llm_server, db_url, **limits))
     answer = requests.post(f"{login.base_url}/login", json=TEST_ACCOUNT, timeout=30)
     assert answer.status_code == 200, answer.text
-    bearer = frozenset(
-        (op["method"], op["path"]) for op in spec_operations(load_spec()).values() if op["auth"] == "bearer_jwt"
+    operations = spec_operations(load_spec())
+    roles = requests.get(f"{chat.base_url}/chat/roles", timeout=30).json()["roles"]
+    services = LiveServices(
+        login=login,
+        chat_url=chat.base_url,
+        token=answer.json()["access_token"],
+        uid=answer.json()["user"]["uid"],
+        bearer_paths=frozenset((op["method"], op["path"]) for op in operations.values() if op["auth"] == "bearer_jwt"),
+        operation_ids={(op["method"], op["path"]): op_id for op_id, op in operations.items()},
+        roles=frozenset(role["role_code"] for role in roles),
+        addresses=itertools.count(),
     )
-    return LiveServices(login.base_url, chat.base_url, answer.json()["access_token"], bearer, itertools.count())
+    services.seed("naitang")
+    return services
 
 
 def error_shape(ctx: schemathesis.CheckContext, response: schemathesis.Response, case: schemathesis.Case) -> None:
@@ -403,12 +521,14 @@ def per_event_document() -> dict[str, Any]:
     # in `x-sse-event-schema` (OpenAPI 3.2's `itemSchema`). schemathesis reads a pre-3.2 stream `schema`
     # as one event's, so handing it that schema makes it validate every event of every stream.
     spec = load_spec()
+    responses = list(spec["components"]["responses"].values())
     for item in spec["paths"].values():
         for method in HTTP_METHODS:
-            for response in item.get(method, {}).get("responses", {}).values():
-                media = resolve(spec, response).get("content", {}).get("text/event-stream")
-                if media is not None:
-                    media["schema"] = media.pop("x-sse-event-schema")
+            responses.extend(item.get(method, {}).get("responses", {}).values())
+    for response in responses:  # a $ref entry has no content: the component it names is in the list
+        media = response.get("content", {}).get("text/event-stream")
+        if media is not None:
+            media["schema"] = media.pop("x-sse-event-schema")
     return spec
 
 
@@ -428,8 +548,26 @@ SCHEMA = schemathesis.openapi.from_dict(
 
 @SCHEMA.parametrize()
 def test_live_services_conform_to_the_document(case: schemathesis.Case, live: LiveServices) -> None:
-    """Generated requests (examples, coverage, fuzzing) get documented, well-formed answers and never a 5xx."""
-    headers = live.headers(case.method, case.path)
+    """Generated requests (examples, coverage, fuzzing) get documented, well-formed answers and never a 5xx.
+
+    Every case runs as the test account, except the two that end a session: `logout` gets a fresh token
+    of its own per case (it revokes the token it is sent) and `account_delete` a freshly signed-up
+    throwaway user per case (it erases the user), so neither disturbs the cases after it. Before each
+    `chat_regenerate`/`chat_edit` case for a real role, one exchange is seeded into that conversation so
+    the happy path is reachable whatever `chat_clear`/`chat_delete_message` cases ran before.
+    """
+    # The operation's own method: the coverage phase also sends other methods to its path (expecting 405).
+    operation_id = live.operation_ids[(case.operation.method.upper(), case.operation.path)]
+    token = None
+    if operation_id == "logout":
+        token = live.fresh_test_account_token()
+    elif operation_id == "account_delete":
+        _, token = live.new_account()
+    elif operation_id in ("chat_regenerate", "chat_edit"):
+        role_code = case.body.get("role_code") if isinstance(case.body, dict) else None
+        if isinstance(role_code, str) and role_code in live.roles:
+            live.seed(role_code)
+    headers = live.headers(case.method, case.path, token)
     case.call_and_validate(base_url=live.base_url(case.path), headers=headers, checks=CHECKS, timeout=30)
 
 
@@ -475,6 +613,28 @@ HOSTILE = [
     pytest.param(
         "login", {"chunked": b'{"phone_number":"' + b"1" * 70_000 + b'"}'}, 413, id="login-chunked-body-over-cap"
     ),
+    pytest.param(
+        "chat_stream",
+        {"body": {"role_code": "naitang", "message": "hi", "max_tokens": 5.0}},
+        200,
+        id="stream-integral-float-max-tokens",
+    ),
+    pytest.param(
+        "chat_regenerate",
+        {"body": {"role_code": "naitang", "temperature": 10**400}},
+        400,
+        id="regenerate-huge-integer-temperature",
+    ),
+    pytest.param("chat_regenerate", {"data": DEEP_JSON}, 400, id="regenerate-deeply-nested-json"),
+    pytest.param("chat_edit", {"data": DEEP_JSON}, 400, id="edit-deeply-nested-json"),
+    pytest.param(
+        "chat_edit",
+        {"body": {"role_code": "naitang", "message": "hi", "message_id": 10**400}},
+        400,
+        id="edit-huge-integer-message-id",
+    ),
+    pytest.param("chat_delete_message", {"data": DEEP_JSON}, 400, id="delete-message-deeply-nested-json"),
+    pytest.param("chat_delete_message", {"body": {"message_id": "\ud800"}}, 400, id="delete-message-lone-surrogate"),
 ]
 
 
@@ -509,3 +669,221 @@ def test_rate_limited_send_code_conforms(live: LiveServices) -> None:
     assert [answer.status_code for answer in answers] == [200, 429]
     assert json.loads(answers[1].text)["code"] == "RateLimited"
     assert 1 <= int(answers[1].headers["retry-after"][0]) <= 60
+
+
+# -- the extension operations, by hand -------------------------------------------------------------
+# The generated run checks every answer against the document; these pin the behaviour a generator cannot
+# reach or judge (revocation, erasure, paging, rewinding a conversation), each call checked like a
+# generated case. Each test works on its own freshly signed-up user unless it says otherwise.
+
+
+def call(
+    live: LiveServices,
+    operation_id: str,
+    *,
+    token: str | None = None,
+    body: Any = None,
+    query: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> schemathesis.Response:
+    """One request to an operation (as `token`'s user, default the test account), checked like a generated case."""
+    operation = SCHEMA.find_operation_by_id(operation_id)
+    if body is not None:
+        case = operation.Case(body=body, media_type="application/json", query=query)
+    else:
+        case = operation.Case(query=query)
+    headers = live.headers(operation.method, operation.path, token)
+    if "data" in kwargs:
+        headers["Content-Type"] = "application/json"
+    base_url = live.base_url(operation.path)
+    return case.call_and_validate(base_url=base_url, headers=headers, checks=CHECKS, timeout=30, **kwargs)
+
+
+def answer(response: schemathesis.Response, status: int, code: str | None = None) -> dict[str, Any]:
+    """The JSON body of a response that must have `status` (and error `code`)."""
+    assert response.status_code == status, response.text[:300]
+    body = json.loads(response.text)
+    if code is not None:
+        assert body["code"] == code, body
+    return body
+
+
+def history(live: LiveServices, token: str | None = None, role_code: str = "naitang", **paging: Any) -> dict:
+    """A conversation's history (or one page of it)."""
+    return answer(call(live, "chat_history", token=token, query={"role_code": role_code, **paging}), 200)
+
+
+def test_me_answers_the_masked_profile(live: LiveServices) -> None:
+    """/me names the token's user; a mainland number is masked to 138****8000 form, short ones keep fewer digits."""
+    body = answer(call(live, "me"), 200)
+    assert body["user"]["uid"] == live.uid
+    assert (body["user"]["phone_number"], body["user"]["country_code"]) == ("1**86", "86")
+    phone = random_phone()
+    uid, token = live.new_account(phone)
+    user = answer(call(live, "me", token=token), 200)["user"]
+    assert user == {
+        "uid": uid,
+        "phone_number": phone[:3] + "****" + phone[-4:],
+        "country_code": "86",
+        "created_at": user["created_at"],
+    }
+
+
+def test_me_masks_a_six_digit_number_in_place(live: LiveServices) -> None:
+    """A masked number keeps the number's length, each character the digit itself or `*`."""
+    _, token = live.new_account("123456", country_code="44")
+    masked = answer(call(live, "me", token=token), 200)["user"]["phone_number"]
+    assert len(masked) == 6, masked
+    assert all(shown in (digit, "*") for shown, digit in zip(masked, "123456", strict=True)), masked
+
+
+def test_logout_revokes_the_token_on_both_services(live: LiveServices) -> None:
+    """After /logout the same token is 401 everywhere (both services, /logout itself); other tokens still work."""
+    token = live.fresh_test_account_token()
+    too_large = call(live, "logout", token=token, data=b"{" + b" " * 70_000 + b"}")
+    answer(too_large, 413, "PayloadTooLarge")  # refused before the handler: the token is not revoked
+    answer(call(live, "me", token=token), 200)
+    assert answer(call(live, "logout", token=token), 200) == {"success": True, "message": "已退出登录"}
+    for operation_id, query in (("me", None), ("logout", None), ("chat_history", {"role_code": "naitang"})):
+        answer(call(live, operation_id, token=token, query=query), 401, "Unauthorized")
+    answer(call(live, "chat_stream", token=token, body={"role_code": "naitang", "message": "hi"}), 401)
+    assert answer(call(live, "me"), 200)["user"]["uid"] == live.uid  # the session's own token is untouched
+
+
+def test_account_delete_erases_the_user(live: LiveServices) -> None:
+    """/account/delete counts the erased messages, revokes every token of the user; a new login is a new user."""
+    phone = random_phone()
+    uid, token = live.new_account(phone)
+    other_token = issue_token(uid, secret=TEST_SECRET, ttl_s=3600)  # a second session of the same user
+    live.seed("naitang", token)
+    live.seed("wanqing", token)
+    body = answer(call(live, "account_delete", token=token), 200)
+    assert body == {"success": True, "message": "账号已注销", "deleted_messages": 4}
+    for each in (token, other_token):
+        answer(call(live, "me", token=each), 401, "Unauthorized")
+        answer(call(live, "chat_history", token=each, query={"role_code": "naitang"}), 401, "Unauthorized")
+        answer(call(live, "account_delete", token=each), 401, "Unauthorized")
+    new_uid, new_token = live.new_account(phone)  # the resend cooldown went with the account
+    assert new_uid != uid
+    assert history(live, new_token)["messages"] == []
+
+
+def test_history_pages_back_through_a_conversation(live: LiveServices) -> None:
+    """limit/before_id page newest-first through the conversation; without them the contract's answer."""
+    _, token = live.new_account()
+    for n in range(3):
+        live.seed("naitang", token, message=f"第 {n} 条")
+    whole = history(live, token)
+    assert set(whole) == {"success", "role_code", "messages"}  # no paging fields without paging parameters
+    ids = [message["id"] for message in whole["messages"]]
+    assert len(ids) == 6 and ids == sorted(ids)
+    first = history(live, token, limit=4)
+    assert [m["id"] for m in first["messages"]] == ids[2:]
+    assert (first["has_more"], first["next_before_id"]) == (True, ids[2])
+    second = history(live, token, limit=4, before_id=first["next_before_id"])
+    assert [m["id"] for m in second["messages"]] == ids[:2]
+    assert (second["has_more"], second["next_before_id"]) == (False, None)
+    exact = history(live, token, limit=6)
+    assert [m["id"] for m in exact["messages"]] == ids and exact["has_more"] is False
+    default_size = history(live, token, before_id=ids[-1])
+    assert [m["id"] for m in default_size["messages"]] == ids[:-1] and default_size["has_more"] is False
+    assert set(history(live, token, limit="")) == {"success", "role_code", "messages"}  # empty counts as absent
+
+
+@pytest.mark.parametrize(
+    "paging",
+    [
+        {"limit": 0},
+        {"limit": 201},
+        {"limit": -1},
+        {"limit": "abc"},
+        {"limit": "2.0"},
+        {"limit": "+5"},
+        {"before_id": 0},
+        {"before_id": 2**63},
+        {"before_id": "1e3"},
+    ],
+    ids=str,
+)
+def test_history_refuses_bad_paging(live: LiveServices, paging: dict[str, Any]) -> None:
+    """A limit outside 1..200 or a before_id outside 1..2^63-1 (or not plain digits) is 400 InvalidInput."""
+    answer(call(live, "chat_history", query={"role_code": "naitang", **paging}), 400, "InvalidInput")
+
+
+def test_delete_message_deletes_only_the_users_own(live: LiveServices) -> None:
+    """A user's message goes (once); an unknown id or another user's message is 404; a bad id is 400."""
+    _, token = live.new_account()
+    live.seed("naitang", token)
+    mine = [message["id"] for message in history(live, token)["messages"]]
+    live.seed("naitang")  # the test account's conversation may have been cleared by an earlier test
+    theirs = history(live)["messages"][-1]["id"]
+    deleted = answer(call(live, "chat_delete_message", token=token, body={"message_id": mine[0]}), 200)
+    assert deleted == {"success": True, "message": "消息已删除", "deleted_count": 1}
+    assert [message["id"] for message in history(live, token)["messages"]] == mine[1:]
+    for message_id in (mine[0], theirs, 0, -1, 2**63 - 1):
+        response = call(live, "chat_delete_message", token=token, body={"message_id": message_id})
+        answer(response, 404, "MessageNotFound")
+    assert theirs in [message["id"] for message in history(live)["messages"]]
+    for body in ({}, {"message_id": None}, {"message_id": str(mine[1])}, {"message_id": True}, {"message_id": 1.5}):
+        answer(call(live, "chat_delete_message", token=token, body=body), 400, "InvalidInput")
+
+
+def test_delete_message_with_an_id_beyond_64_bits(live: LiveServices) -> None:
+    """An id no message can have is simply not found."""
+    answer(call(live, "chat_delete_message", body={"message_id": 2**63}), 404, "MessageNotFound")
+
+
+def test_delete_message_takes_an_integral_number(live: LiveServices) -> None:
+    """message_id is a JSON Schema integer: an integral number such as 7.0 names message 7."""
+    _, token = live.new_account()
+    live.seed("naitang", token)
+    message_id = history(live, token)["messages"][0]["id"]
+    response = call(live, "chat_delete_message", token=token, body={"message_id": float(message_id)})
+    answer(response, 200)
+
+
+def stream_frames(response: schemathesis.Response) -> list[str]:
+    """The payloads of a 200 event stream, [DONE] last."""
+    assert response.status_code == 200, response.text[:300]
+    assert response.text.endswith("data: [DONE]\n\n")
+    return [event.removeprefix("data: ") for event in response.text.split("\n\n") if event]
+
+
+def test_regenerate_replaces_the_last_reply(live: LiveServices) -> None:
+    """/chat/regenerate streams a new reply to the last user message; the old reply is gone."""
+    _, token = live.new_account()
+    body = {"role_code": "naitang", "temperature": 0.5}
+    answer(call(live, "chat_regenerate", token=token, body=body), 400, "InvalidInput")  # nothing to answer yet
+    live.seed("naitang", token, message="今天有点累。")
+    before = history(live, token)["messages"]
+    frames = stream_frames(call(live, "chat_regenerate", token=token, body=body))
+    assert frames[-1] == "[DONE]" and len(frames) > 1
+    after = history(live, token)["messages"]
+    assert after[0] == before[0]  # the user message stays as it was
+    assert len(after) == 2 and after[1]["sender_role"] == "assistant" and after[1]["id"] > before[1]["id"]
+    answer(call(live, "chat_regenerate", token=token, body={"role_code": "nobody"}), 404, "RoleNotFound")
+    answer(call(live, "chat_regenerate", token=token, body={"role_code": "naitang", "top_p": 0}), 400, "InvalidInput")
+    answer(call(live, "chat_regenerate", token=token, body={"temperature": 1}), 400, "InvalidInput")
+
+
+def test_edit_replaces_the_last_user_message(live: LiveServices) -> None:
+    """/chat/edit rewrites the last user message (same id) and streams a new reply; only that message is editable."""
+    _, token = live.new_account()
+    edit = {"role_code": "naitang", "message": "其实我今天挺开心的。"}
+    answer(call(live, "chat_edit", token=token, body=edit), 400, "InvalidInput")  # no user message yet
+    live.seed("naitang", token, message="第一条")
+    live.seed("naitang", token, message="第二条")
+    before = history(live, token)["messages"]
+    last_user = before[2]
+    for wrong in (before[0]["id"], before[3]["id"]):  # an earlier user message, the reply
+        answer(call(live, "chat_edit", token=token, body={**edit, "message_id": wrong}), 400, "InvalidInput")
+    answer(call(live, "chat_edit", token=token, body={**edit, "message_id": "x"}), 400, "InvalidInput")
+    stream_frames(call(live, "chat_edit", token=token, body={**edit, "message_id": last_user["id"]}))
+    after = history(live, token)["messages"]
+    assert after[:2] == before[:2]
+    assert (after[2]["id"], after[2]["content"]) == (last_user["id"], edit["message"])
+    assert len(after) == 4 and after[3]["sender_role"] == "assistant" and after[3]["id"] > before[3]["id"]
+    stream_frames(call(live, "chat_edit", token=token, body={"role_code": "naitang", "prompt": "再改一次"}))
+    assert history(live, token)["messages"][2]["content"] == "再改一次"
+    answer(call(live, "chat_edit", token=token, body={"role_code": "naitang"}), 400, "InvalidInput")
+    answer(call(live, "chat_edit", token=token, body={**edit, "image_base64": "not base64"}), 400, "InvalidImage")

@@ -310,8 +310,7 @@ class Accounts:
             row = tx.one("SELECT uid, country_code, phone_number, created_at FROM users WHERE uid = ?", (uid,))
         if row is None:
             raise ApiError("Unauthorized")
-        number = row["phone_number"]
-        masked = number if len(number) <= 5 else number[:3] + "*" * (len(number) - 7) + number[-4:]
+        masked = mask_phone(row["phone_number"])
         return {
             "success": True,
             "user": {
@@ -366,6 +365,15 @@ class Accounts:
             tx.execute(
                 "INSERT INTO revoked_tokens (jti, expires_at) VALUES (?, ?)", (jti[:64], int(claims["exp"]) * 1000)
             )
+
+
+def mask_phone(number: str) -> str:
+    """A phone number safe to show: 138****8000 for long numbers, fewer digits kept for short ones."""
+    if len(number) >= 8:
+        return number[:3] + "*" * (len(number) - 7) + number[-4:]
+    if len(number) >= 4:
+        return number[:1] + "*" * (len(number) - 3) + number[-2:]
+    return "*" * len(number)
 
 
 def token_is_live(db: Database, claims: dict[str, Any]) -> bool:

@@ -55,6 +55,7 @@ IMAGE_ONLY_PLACEHOLDER = "[图片]"
 MINUTE_MS = 60_000
 HISTORY_PAGE_DEFAULT = 50
 HISTORY_PAGE_MAX = 200
+MAX_ID = 2**63 - 1  # BIGINT / SQLite INTEGER
 # Chat templates wrap each message in a few tokens of markup.
 MESSAGE_OVERHEAD_TOKENS = 4
 # What a vision model charges for an image varies with its size; this is a safe middle estimate.
@@ -142,6 +143,15 @@ def _query_int(args: Any, name: str, *, low: int, high: int) -> int | None:
 
 def _nothing() -> None:
     return None
+
+
+def _integer(value: Any) -> int | None:
+    """A JSON integer (5 or 5.0, as JSON Schema counts them), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value if isinstance(value, int) else None
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -274,9 +284,9 @@ class Chat:
     def edit(self, uid: str, body: dict[str, Any], *, client: socket.socket | None = None) -> StreamRelay:
         """POST /chat/edit: replace the last user message's text (and image), then regenerate the reply."""
         request = self.parse(body)
-        message_id = body.get("message_id")
-        if message_id is not None and (isinstance(message_id, bool) or not isinstance(message_id, int)):
-            raise ApiError("InvalidInput", "参数 message_id 必须是整数")
+        message_id = _integer(body.get("message_id"))
+        if body.get("message_id") is not None and (message_id is None or not 1 <= message_id <= MAX_ID):
+            raise ApiError("InvalidInput", "参数 message_id 必须是最后一条用户消息的 id")
         return self._start(
             uid, request, lambda tx: self._rewind(tx, uid, request, message_id=message_id, new=request), client
         )
@@ -460,7 +470,7 @@ class Chat:
         """
         role = self.roles.get(args.get("role_code"))
         limit = _query_int(args, "limit", low=1, high=HISTORY_PAGE_MAX)
-        before_id = _query_int(args, "before_id", low=1, high=2**63 - 1)
+        before_id = _query_int(args, "before_id", low=1, high=MAX_ID)
         paged = limit is not None or before_id is not None
         sql = (
             "SELECT id, sender_role, content, has_image, is_partial, created_at FROM messages"
@@ -502,9 +512,11 @@ class Chat:
 
     def delete_message(self, uid: str, body: dict[str, Any]) -> dict[str, Any]:
         """Delete one of this user's messages by id (404 for an unknown id or another user's message)."""
-        message_id = body.get("message_id")
-        if message_id is None or isinstance(message_id, bool) or not isinstance(message_id, int):
+        message_id = _integer(body.get("message_id"))
+        if message_id is None:
             raise ApiError("InvalidInput", "参数 message_id 必须是整数")
+        if not 1 <= message_id <= MAX_ID:
+            raise ApiError("MessageNotFound")  # no row can have it; the database could not even bind it
         with self.db.tx() as tx:
             # The uid in the WHERE clause is the authorisation: another user's id looks exactly like an unknown one.
             deleted = tx.execute("DELETE FROM messages WHERE id = ? AND uid = ?", (message_id, uid))
