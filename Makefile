@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint format venv schema clean
+.PHONY: run test lint format venv schema clean bench bench-quick
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,13 @@ format: $(STAMP)
 
 test: lint tools
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Benchmarks (bench/README.md): figures against the targets, ratios measured in one run.
+bench: $(STAMP)
+	$(PY) bench/run_all.py $(BENCH_ARGS)
+
+bench-quick: $(STAMP)
+	$(PY) bench/run_all.py --quick $(BENCH_ARGS)
 
 # --- deployment (docs/deploy.md) ---
 S_VERSION := 3.1.10
