@@ -2,13 +2,14 @@
 
 from functools import partial
 
+from aichat import auth, llm
 from aichat.accounts import token_is_live
 from aichat.chat import Chat
 from aichat.config import load_settings
 from aichat.llm import LlmClient
 from aichat.roles import RoleCatalog
 from aichat.store import open_database
-from aichat.web import ApiRequest, Route, create_app, sse_response
+from aichat.web import ApiRequest, Route, create_app, json_response, sse_response
 
 settings = load_settings(service="chat")
 db = open_database(settings)
@@ -26,9 +27,9 @@ chat = Chat(
 )
 
 
-def chat_roles(req: ApiRequest) -> dict:
+def chat_roles(req: ApiRequest):
     """The enabled roles' public fields (no auth)."""
-    return {"success": True, "roles": [role.public() for role in roles.enabled()]}
+    return json_response(roles.public_body())
 
 
 def chat_stream(req: ApiRequest):
@@ -61,6 +62,13 @@ def chat_edit(req: ApiRequest):
     return sse_response(chat.edit(req.user_uid(), req.json(), client=req.client_socket))
 
 
+def initialize() -> None:
+    """FC's initializer: open a database connection and load what the first streams need."""
+    db.warm()
+    auth.preload()
+    llm.preload()
+
+
 ROUTES = [
     Route("chat_roles", "GET", "/chat/roles", "none", chat_roles),
     Route("chat_stream", "POST", "/chat/stream", "bearer_jwt", chat_stream, response_type="sse"),
@@ -78,6 +86,6 @@ app = create_app(
     settings=settings,
     body_limit=settings.chat_body_limit,
     token_is_live=partial(token_is_live, db),
-    on_initialize=db.warm,
+    on_initialize=initialize,
     on_pre_stop=db.close_idle,
 )

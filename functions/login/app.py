@@ -2,6 +2,7 @@
 
 from functools import partial
 
+from aichat import auth
 from aichat.accounts import Accounts, token_is_live
 from aichat.config import load_settings
 from aichat.sms import build_sms_provider
@@ -43,6 +44,12 @@ def account_delete(req: ApiRequest) -> dict:
     return accounts.delete_account(req.claims)
 
 
+def initialize() -> None:
+    """FC's initializer: open a database connection and load what the first logins need."""
+    db.warm()
+    auth.preload()
+
+
 ROUTES = [
     Route("login_health", "GET", "/health", "none", login_health),
     Route("send_code", "POST", "/send_code", "none", send_code),
@@ -59,6 +66,6 @@ app = create_app(
     settings=settings,
     body_limit=settings.login_body_limit,
     token_is_live=partial(token_is_live, db),
-    on_initialize=db.warm,
+    on_initialize=initialize,
     on_pre_stop=db.close_idle,
 )

@@ -6,8 +6,6 @@ import re
 import time
 import uuid
 
-import jwt
-
 from .errors import ApiError
 
 ALGORITHM = "HS256"
@@ -18,6 +16,8 @@ CLOCK_LEEWAY_S = 10
 
 def issue_token(uid: str, *, secret: str, ttl_s: int, now: float | None = None) -> str:
     """Sign an access token for a user."""
+    import jwt  # PyJWT pulls in `cryptography` (~70 ms): loaded on first use or by preload(), not at start
+
     issued = int(now if now is not None else time.time())
     claims = {"sub": uid, "iat": issued, "exp": issued + ttl_s, "jti": uuid.uuid4().hex}
     return jwt.encode(claims, secret, algorithm=ALGORITHM)
@@ -25,6 +25,8 @@ def issue_token(uid: str, *, secret: str, ttl_s: int, now: float | None = None) 
 
 def verify_token(token: str, *, secret: str) -> dict:
     """Return a token's claims; raise Unauthorized if its signature, algorithm, expiry or claims are off."""
+    import jwt
+
     try:
         claims = jwt.decode(
             token,
@@ -49,3 +51,8 @@ def bearer_token(header: str | None) -> str:
     if scheme.lower() != "bearer" or not token or " " in token:
         raise ApiError("Unauthorized")
     return token
+
+
+def preload() -> None:
+    """Import PyJWT now (FC's initializer) so the first authenticated request does not pay for it."""
+    import jwt  # noqa: F401

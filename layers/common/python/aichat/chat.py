@@ -170,7 +170,7 @@ def sniff_image_type(data: bytes) -> str | None:
 
 def format_time(ms: int, settings: Settings) -> str:
     """`YYYY-MM-DDTHH:MM:SS` in the configured time zone, as the contract shows."""
-    return datetime.fromtimestamp(ms / 1000, settings.tz).strftime("%Y-%m-%dT%H:%M:%S")
+    return datetime.fromtimestamp(ms // 1000, settings.tz).replace(tzinfo=None).isoformat()
 
 
 def fallback_frame(code: str) -> bytes:

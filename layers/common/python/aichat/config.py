@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 KIB = 1024
@@ -47,6 +48,8 @@ class Settings:
     db_url: str | None = None
     db_connect_timeout_s: float = 5.0
     db_read_timeout_s: float = 10.0
+    db_pool_size: int = 16
+    db_tls: bool = False
     jwt_secret: str = field(default="", repr=False)
     jwt_ttl_s: int = 604_800
     cors_origins: tuple[str, ...] = ("*",)
@@ -109,7 +112,7 @@ class Settings:
 
         return hmac.new(self.jwt_secret.encode(), b"aichat/verification-code", hashlib.sha256).digest()
 
-    @property
+    @cached_property
     def tz(self) -> ZoneInfo:
         """The time zone history timestamps are shown in."""
         return ZoneInfo(self.timezone)
@@ -132,6 +135,7 @@ class Settings:
             raise ConfigError(f"AICHAT_TIMEZONE is not a known time zone: {self.timezone}") from exc
         for name in (
             "jwt_ttl_s",
+            "db_pool_size",
             "login_body_limit",
             "chat_body_limit",
             "code_ttl_s",
@@ -184,6 +188,8 @@ ENV_VARS: dict[str, tuple[str, object]] = {
     "AICHAT_DB_URL": ("db_url", str),
     "AICHAT_DB_CONNECT_TIMEOUT": ("db_connect_timeout_s", float),
     "AICHAT_DB_READ_TIMEOUT": ("db_read_timeout_s", float),
+    "AICHAT_DB_POOL_SIZE": ("db_pool_size", int),
+    "AICHAT_DB_TLS": ("db_tls", _flag),
     "AICHAT_JWT_SECRET": ("jwt_secret", str),
     "AICHAT_JWT_TTL": ("jwt_ttl_s", int),
     "AICHAT_CORS_ORIGINS": ("cors_origins", lambda v: tuple(o.strip() for o in v.split(",") if o.strip())),

@@ -8,11 +8,12 @@ import logging
 import socket
 import threading
 from collections.abc import Iterator
-from typing import Any
-
-import requests
+from typing import TYPE_CHECKING, Any
 
 from .errors import ApiError
+
+if TYPE_CHECKING:
+    import requests
 
 log = logging.getLogger("aichat.llm")
 
@@ -49,9 +50,7 @@ class UpstreamStream:
             try:
                 # read1 returns whatever has arrived (at most one chunk) instead of waiting for a full block.
                 chunk = raw.read1(READ_SIZE)
-            except requests.exceptions.RequestException as exc:
-                raise _broken(exc) from exc
-            except Exception as exc:  # urllib3 / http.client errors on a dropped or timed-out socket
+            except Exception as exc:  # requests / urllib3 / http.client errors on a dropped or timed-out socket
                 raise _broken(exc) from exc
             if not chunk:
                 return
@@ -104,7 +103,11 @@ class LlmClient:
         # One keep-alive session per thread: repeated streams skip the TCP/TLS handshake to the upstream.
         session = getattr(self._local, "session", None)
         if session is None:
+            import requests  # loaded on the first stream (or by preload()), not at instance start
+
             session = self._local.session = requests.Session()
+            # The upstream is configured explicitly; scanning proxy/netrc settings per request costs time.
+            session.trust_env = False
         return session
 
     def open_stream(self, payload: dict[str, Any]) -> UpstreamStream:
@@ -115,8 +118,11 @@ class LlmClient:
         """
         if not self.api_key:
             raise ApiError("MissingApiKey")
+        session = self._session()
+        import requests
+
         try:
-            response = self._session().post(
+            response = session.post(
                 f"{self.base_url}/chat/completions",
                 json={**payload, "stream": True},
                 headers={
@@ -140,6 +146,11 @@ class LlmClient:
             log.warning("upstream refused", extra={"upstream_status": response.status_code, "detail": detail})
             raise ApiError("UpstreamHTTPError", f"上游模型 HTTP 错误: {response.status_code}")
         return UpstreamStream(response)
+
+
+def preload() -> None:
+    """Import the HTTP client now (FC's initializer) so the first stream does not pay for it."""
+    import requests  # noqa: F401
 
 
 def _error_detail(response: requests.Response) -> str:

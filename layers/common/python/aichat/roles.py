@@ -20,6 +20,8 @@ PUBLIC_FIELDS = ("role_code", "nickname", "intro", "avatar_url", "background_url
 # Other instances pick up an operator's catalogue change within this many seconds.
 CACHE_TTL_S = 60.0
 ROLES_HASH_KEY = "roles_file_sha256"
+# After a failed refresh, how long the cached catalogue is served before trying again.
+STALE_RETRY_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,7 @@ class RoleCatalog:
         self._lock = threading.Lock()
         self._roles: list[Role] = []
         self._by_code: dict[str, Role] = {}
+        self._public_body = b""
         self._loaded_at = float("-inf")
         self._synced = not roles_file
 
@@ -140,6 +143,9 @@ class RoleCatalog:
                 " sort_order, enabled FROM roles WHERE enabled = 1 ORDER BY sort_order, role_code"
             )
         roles = [Role(**{**row, "enabled": bool(row["enabled"])}) for row in rows]
+        body = {"success": True, "roles": [role.public() for role in roles]}
+        # /chat/roles is the hottest read (and FC's health check): serialise it once per refresh.
+        self._public_body = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
         self._roles, self._by_code = roles, {role.role_code: role for role in roles}
         self._loaded_at = time.monotonic()
 
@@ -148,8 +154,20 @@ class RoleCatalog:
         if time.monotonic() - self._loaded_at > CACHE_TTL_S:
             with self._lock:
                 if time.monotonic() - self._loaded_at > CACHE_TTL_S:
-                    self._refresh()
+                    try:
+                        self._refresh()
+                    except ApiError:
+                        if not self._public_body:
+                            raise
+                        # A database blip should not take the catalogue (and FC's health check) down with it.
+                        log.warning("role catalogue refresh failed; serving the cached one")
+                        self._loaded_at = time.monotonic() - CACHE_TTL_S + STALE_RETRY_S
         return self._roles
+
+    def public_body(self) -> bytes:
+        """The /chat/roles response body (the contract's shape), serialised once per refresh."""
+        self.enabled()
+        return self._public_body
 
     def get(self, role_code: Any) -> Role:
         """The enabled role with this code: 400 InvalidInput when absent or ill-typed, 404 RoleNotFound if unknown."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import ssl
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -257,7 +258,12 @@ def is_duplicate_key(exc: BaseException) -> bool:
 
 
 class Database:
-    """A lazily connected database; one reused connection per thread, so warm invocations skip connecting."""
+    """A lazily connected database behind a small shared pool, reused across warm invocations.
+
+    A transaction borrows a connection and gives it back when it ends, so a stream that relays for
+    minutes holds none, and an instance never opens more than `pool_size` connections (MySQL's
+    max_connections is shared by every instance).
+    """
 
     def __init__(
         self,
@@ -265,6 +271,8 @@ class Database:
         *,
         connect_timeout_s: float = 5.0,
         read_timeout_s: float = 10.0,
+        pool_size: int = 16,
+        tls: bool = False,
         auto_migrate: bool = True,
     ) -> None:
         self.url = url
@@ -274,11 +282,12 @@ class Database:
         self.dialect = "mysql" if url.startswith("mysql://") else "sqlite"
         self._connect_timeout_s = connect_timeout_s
         self._read_timeout_s = read_timeout_s
-        self._local = threading.local()
-        self._all: list[Any] = []  # every open connection, for close_idle()/close()
-        self._busy: set[int] = set()  # ids of connections inside a transaction right now
-        self._epoch = 0  # bumped by close_idle(): a thread whose connection predates it reconnects
-        self._all_lock = threading.Lock()
+        self._pool_size = pool_size
+        self._idle: list[Any] = []  # LIFO: the most recently used connection is the likeliest to be alive
+        self._open = 0  # connections in existence (idle + borrowed)
+        self._pool = threading.Condition()
+        # One TLS context for every connect: building one per connect costs ~25 ms of CPU (CA bundle load).
+        self._ssl = ssl.create_default_context() if tls and self.dialect == "mysql" else None
         if self.dialect == "sqlite":
             self._path = url[len("sqlite:///") :]
             if self._path != ":memory:":
@@ -297,6 +306,7 @@ class Database:
         import pymysql  # imported here: SQLite-only runs never pay for it
 
         parts = urlsplit(self.url)
+        tls: dict[str, Any] = {"ssl": self._ssl} if self._ssl is not None else {"ssl_disabled": True}
         return pymysql.connect(
             host=parts.hostname or "127.0.0.1",
             port=parts.port or 3306,
@@ -308,66 +318,57 @@ class Database:
             connect_timeout=self._connect_timeout_s,
             read_timeout=self._read_timeout_s,
             write_timeout=self._read_timeout_s,
+            # Each user's writes are already serialised by a row lock on the user; REPEATABLE READ's gap
+            # locks would only add deadlocks between different users' inserts.
+            init_command="SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
+            **tls,
         )
 
-    def _checkout(self) -> Any:
-        """This thread's connection, marked busy (close_idle() skips it), opened or re-opened as needed."""
-        with self._all_lock:
-            conn = getattr(self._local, "conn", None)
-            if conn is not None and getattr(self._local, "epoch", None) != self._epoch:
-                # close_idle() ran since this connection was opened: closed already if it was idle.
-                if conn in self._all:
-                    self._all.remove(conn)
-                    stale = conn
-                else:
-                    stale = None
-                conn = self._local.conn = None
-            else:
-                stale = None
-            if conn is not None:
-                self._busy.add(id(conn))
-        if stale is not None:
-            _close_quietly(stale)
-        if conn is None:
-            conn = self._connect()
-            with self._all_lock:
-                self._local.conn = conn
-                self._local.epoch = self._epoch
-                self._all.append(conn)
-                self._busy.add(id(conn))
-        elif self.dialect == "mysql":
-            # A warm instance may hold a connection the server has since dropped: check and reconnect.
-            conn.ping(reconnect=True)
-        return conn
+    def _borrow(self) -> tuple[Any, bool]:
+        """A connection from the pool (and whether it was pooled rather than fresh); waits while all are out."""
+        deadline = time.monotonic() + self._connect_timeout_s
+        with self._pool:
+            while not self._idle and self._open >= self._pool_size:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    log.error("database pool exhausted", extra={"pool_size": self._pool_size})
+                    raise ApiError("DatabaseError")
+                self._pool.wait(remaining)
+            if self._idle:
+                return self._idle.pop(), True
+            self._open += 1
+        try:
+            return self._connect(), False
+        except BaseException:
+            self._forget(None)
+            raise
 
-    def _discard(self) -> None:
-        """Drop this thread's connection (broken, or its transaction failed): the next use reconnects."""
-        conn = getattr(self._local, "conn", None)
-        self._local.conn = None
+    def _give_back(self, conn: Any) -> None:
+        with self._pool:
+            self._idle.append(conn)
+            self._pool.notify()
+
+    def _forget(self, conn: Any) -> None:
+        """Drop a broken (or never opened) connection from the pool's count."""
+        with self._pool:
+            self._open -= 1
+            self._pool.notify()
         if conn is not None:
-            with self._all_lock:
-                if conn in self._all:
-                    self._all.remove(conn)
-                self._busy.discard(id(conn))
             _close_quietly(conn)
 
     def close_idle(self) -> None:
-        """Close the connections no request is using (FC's preStop); busy ones finish their work first."""
-        with self._all_lock:
-            idle = [conn for conn in self._all if id(conn) not in self._busy]
-            self._all = [conn for conn in self._all if id(conn) in self._busy]
-            self._epoch += 1
+        """Close the connections no request is using (FC's preStop); borrowed ones finish their work."""
+        with self._pool:
+            idle, self._idle = self._idle, []
+            self._open -= len(idle)
+            self._pool.notify_all()
         for conn in idle:
             _close_quietly(conn)
         log.info("idle database connections closed", extra={"closed": len(idle)})
 
     def close(self) -> None:
-        """Close every connection this process opened (tests, tools)."""
-        with self._all_lock:
-            conns, self._all = self._all, []
-        for conn in conns:
-            _close_quietly(conn)
-        self._local = threading.local()
+        """Close every idle connection (tests, tools: call it when nothing is running)."""
+        self.close_idle()
 
     def warm(self) -> None:
         """Migrate and open a connection now rather than on the first request; a failure is only logged."""
@@ -382,8 +383,8 @@ class Database:
     def tx(self) -> Any:
         """One transaction: committed when the block ends, rolled back if it raises.
 
-        Driver failures become ApiError("DatabaseError"); the broken connection is dropped so the
-        next request reconnects.
+        Driver failures become ApiError("DatabaseError"); a broken connection is dropped, so the next
+        request reconnects.
         """
         if not self._schema_ready:
             with self._schema_lock:
@@ -392,51 +393,63 @@ class Database:
                     self._schema_ready = True
         return self._tx()
 
+    def _begin(self) -> Any:
+        """Borrow a connection and start a transaction on it.
+
+        A pooled connection the server has dropped meanwhile (wait_timeout, failover, a cut) fails right
+        here, before anything ran: it is replaced once by a fresh one, so callers never see it.
+        """
+        for attempt in (1, 2):
+            conn = None
+            try:
+                conn, pooled = self._borrow()
+                conn.execute("BEGIN IMMEDIATE") if self.dialect == "sqlite" else conn.begin()
+                return conn
+            except ApiError:
+                raise
+            except Exception as exc:
+                if conn is not None:  # (a failed connect was already uncounted by _borrow)
+                    self._forget(conn)
+                if attempt == 1 and conn is not None and pooled and self.dialect == "mysql":
+                    continue
+                log.error("database unavailable", extra={"error": type(exc).__name__, "detail": str(exc)[:200]})
+                raise ApiError("DatabaseError") from exc
+        raise AssertionError("unreachable")
+
     @contextmanager
     def _tx(self) -> Iterator[Tx]:
-        conn = None
-        try:
-            conn = self._checkout()
-            conn.execute("BEGIN IMMEDIATE") if self.dialect == "sqlite" else conn.begin()
-        except Exception as exc:
-            self._release(conn)
-            self._discard()
-            log.error("database unavailable", extra={"error": type(exc).__name__, "detail": str(exc)[:200]})
-            raise ApiError("DatabaseError") from exc
+        conn = self._begin()
         try:
             yield Tx(conn, self.dialect)
         except ApiError:
-            self._rollback(conn)
+            self._end(conn, commit=False)
             raise
         except Exception as exc:
-            self._rollback(conn)
+            self._end(conn, commit=False)
             if _is_driver_error(exc):
                 log.error("database error", extra={"error": type(exc).__name__, "detail": str(exc)[:200]})
-                if self.dialect == "mysql":
-                    self._discard()
                 raise ApiError("DatabaseError") from exc
             raise
+        except BaseException:
+            self._end(conn, commit=False)
+            raise
         else:
-            try:
-                conn.execute("COMMIT") if self.dialect == "sqlite" else conn.commit()
-            except Exception as exc:
-                self._rollback(conn)
-                self._discard()
-                log.error("commit failed", extra={"error": type(exc).__name__})
-                raise ApiError("DatabaseError") from exc
-        finally:
-            self._release(conn)
+            if not self._end(conn, commit=True):
+                raise ApiError("DatabaseError")
 
-    def _release(self, conn: Any) -> None:
-        if conn is not None:
-            with self._all_lock:
-                self._busy.discard(id(conn))
-
-    def _rollback(self, conn: Any) -> None:
+    def _end(self, conn: Any, *, commit: bool) -> bool:
+        """Commit or roll back and return the connection to the pool (or drop it if it broke)."""
         try:
-            conn.execute("ROLLBACK") if self.dialect == "sqlite" else conn.rollback()
-        except Exception:  # noqa: BLE001 - the connection is probably gone; drop it
-            self._discard()
+            if self.dialect == "sqlite":
+                conn.execute("COMMIT" if commit else "ROLLBACK")
+            else:
+                conn.commit() if commit else conn.rollback()
+        except Exception as exc:  # noqa: BLE001 - a broken connection is dropped; a failed commit is reported
+            self._forget(conn)
+            log.error("commit failed" if commit else "rollback failed", extra={"error": type(exc).__name__})
+            return False
+        self._give_back(conn)
+        return True
 
     # -- schema ------------------------------------------------------------------------------------
     def migrate(self) -> list[int]:
@@ -527,4 +540,6 @@ def open_database(settings: Any) -> Database | UnconfiguredDatabase:
         settings.db_url,
         connect_timeout_s=settings.db_connect_timeout_s,
         read_timeout_s=settings.db_read_timeout_s,
+        pool_size=settings.db_pool_size,
+        tls=settings.db_tls,
     )

@@ -39,9 +39,9 @@ class Route:
     response_type: str = "json"
 
 
-def json_response(body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    """A UTF-8 JSON response with readable Chinese (no \\u escapes)."""
-    text = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+def json_response(body: dict[str, Any] | bytes, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """A UTF-8 JSON response with readable Chinese (no \\u escapes); `body` may be pre-serialised bytes."""
+    text = body if isinstance(body, bytes) else json.dumps(body, ensure_ascii=False, separators=(",", ":"))
     return Response(text, status=status, headers=headers, content_type=JSON_CONTENT_TYPE)
 
 
