@@ -82,6 +82,26 @@ class TestChatRateLimits:
         assert chat_once(client, {"role_code": "naitang", "message": "y"})[-1] == "[DONE]"
 
 
+def test_many_users_at_once_store_everything_exactly_once(start_server, db_url, fake_llm, new_user):
+    # Many users' limit counters, slots and messages are written at the same moment: on MySQL this once
+    # deadlocked (REPEATABLE READ gap locks across users); every stream must now complete and be stored once.
+    server = start_server("chat", **chat_env(fake_llm, db_url, AICHAT_THREADS=40, AICHAT_DB_POOL_SIZE=8))
+    users = [new_user() for _ in range(30)]
+    for _ in users:
+        fake_llm.enqueue(chunks=["一", "二", "三"], delay=0.05)
+
+    def one(user: tuple[str, str]) -> list[str]:
+        return chat_once(Client(server.base_url, token=user[1]), {"role_code": "naitang", "message": user[0]})
+
+    with ThreadPoolExecutor(30) as pool:
+        replies = list(pool.map(one, users))
+    assert all(payloads[-1] == "[DONE]" and len(payloads) > 1 for payloads in replies)
+    for uid, token in users:
+        stored = history(Client(server.base_url, token=token))
+        assert [(m["sender_role"], m["content"]) for m in stored][:1] == [("user", uid)]
+        assert len(stored) == 2 and stored[1]["sender_role"] == "assistant" and not stored[1]["is_partial"]
+
+
 class TestMultiInstance:
     def test_login_on_one_chat_on_another(self, start_server, db_url, fake_dysms, fake_llm):
         login_a = start_server("login", AICHAT_DB_URL=db_url, **dysms_env(fake_dysms))

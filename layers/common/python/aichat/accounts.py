@@ -306,8 +306,9 @@ class Accounts:
     # -- account (bearer token) ----------------------------------------------------------------------
     def me(self, uid: str) -> dict[str, Any]:
         """The signed-in user's profile, with the phone number masked."""
-        with self.db.tx() as tx:
-            row = tx.one("SELECT uid, country_code, phone_number, created_at FROM users WHERE uid = ?", (uid,))
+        row = self.db.read(
+            lambda tx: tx.one("SELECT uid, country_code, phone_number, created_at FROM users WHERE uid = ?", (uid,))
+        )
         if row is None:
             raise ApiError("Unauthorized")
         masked = mask_phone(row["phone_number"])
@@ -379,11 +380,12 @@ def mask_phone(number: str) -> str:
 def token_is_live(db: Database, claims: dict[str, Any]) -> bool:
     """Whether a verified token still counts: its user exists and it was not revoked (one query)."""
     jti = claims.get("jti") if isinstance(claims.get("jti"), str) else ""
-    with db.tx() as tx:
-        row = tx.one(
+    row = db.read(
+        lambda tx: tx.one(
             "SELECT u.uid, r.jti FROM users u LEFT JOIN revoked_tokens r ON r.jti = ? WHERE u.uid = ?",
             (jti[:64], claims["sub"]),
         )
+    )
     return row is not None and row["jti"] is None
 
 

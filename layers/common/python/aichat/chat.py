@@ -487,8 +487,7 @@ class Chat:
             params.append(page_size + 1)
         else:
             sql += " ORDER BY id"
-        with self.db.tx() as tx:
-            rows = tx.all(sql, params)
+        rows = self.db.read(lambda tx: tx.all(sql, params))
         body: dict[str, Any] = {"success": True, "role_code": role.role_code}
         if paged:
             has_more = len(rows) > page_size

@@ -137,11 +137,12 @@ class RoleCatalog:
             raw = Path(self.roles_file).read_bytes()
             sync_roles(self.db, read_roles_file(self.roles_file), fingerprint=hashlib.sha256(raw).hexdigest())
             self._synced = True
-        with self.db.tx() as tx:
-            rows = tx.all(
+        rows = self.db.read(
+            lambda tx: tx.all(
                 "SELECT role_code, nickname, intro, avatar_url, background_url, opening_message, system_prompt,"
                 " sort_order, enabled FROM roles WHERE enabled = 1 ORDER BY sort_order, role_code"
             )
+        )
         roles = [Role(**{**row, "enabled": bool(row["enabled"])}) for row in rows]
         body = {"success": True, "roles": [role.public() for role in roles]}
         # /chat/roles is the hottest read (and FC's health check): serialise it once per refresh.

@@ -7,10 +7,10 @@ import sqlite3
 import ssl
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from .errors import ApiError
@@ -18,6 +18,7 @@ from .errors import ApiError
 log = logging.getLogger("aichat.store")
 
 Row = dict[str, Any]
+T = TypeVar("T")
 
 
 def now_ms() -> int:
@@ -386,12 +387,45 @@ class Database:
         Driver failures become ApiError("DatabaseError"); a broken connection is dropped, so the next
         request reconnects.
         """
+        self._ensure_schema()
+        return self._tx()
+
+    def _ensure_schema(self) -> None:
         if not self._schema_ready:
             with self._schema_lock:
                 if not self._schema_ready:
                     self.migrate()
                     self._schema_ready = True
-        return self._tx()
+
+    def read(self, work: Callable[[Tx], T]) -> T:
+        """Run read-only statements without BEGIN/COMMIT (autocommit): two round trips fewer on MySQL.
+
+        A pooled connection that turns out to be dead is replaced once and `work` runs again (reading
+        twice is harmless), so callers never see a connection the server dropped while it sat idle.
+        """
+        self._ensure_schema()
+        for attempt in (1, 2):
+            try:
+                conn, pooled = self._borrow()
+            except ApiError:
+                raise
+            except Exception as exc:
+                log.error("database unavailable", extra={"error": type(exc).__name__, "detail": str(exc)[:200]})
+                raise ApiError("DatabaseError") from exc
+            try:
+                result = work(Tx(conn, self.dialect))
+            except Exception as exc:
+                if not _is_driver_error(exc):
+                    self._give_back(conn)
+                    raise
+                self._forget(conn)
+                if attempt == 1 and pooled:
+                    continue
+                log.error("database error", extra={"error": type(exc).__name__, "detail": str(exc)[:200]})
+                raise ApiError("DatabaseError") from exc
+            self._give_back(conn)
+            return result
+        raise AssertionError("unreachable")
 
     def _begin(self) -> Any:
         """Borrow a connection and start a transaction on it.
@@ -514,6 +548,10 @@ class UnconfiguredDatabase:
     dialect = "none"
 
     def tx(self) -> Any:
+        """Refuse: there is no database to talk to."""
+        raise ApiError("MissingDatabaseConfig")
+
+    def read(self, work: Any) -> Any:
         """Refuse: there is no database to talk to."""
         raise ApiError("MissingDatabaseConfig")
 

@@ -17,7 +17,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound, Reque
 from .auth import bearer_token, verify_token
 from .config import Settings
 from .errors import ApiError
-from .logs import configure_logging, request_id_var
+from .logs import configure_logging, request_id_var, write_line
 from .sms import Credentials
 
 log = logging.getLogger("aichat.web")
@@ -258,27 +258,28 @@ def _add_cors_headers(response: Response, settings: Settings) -> None:
         response.headers["Access-Control-Max-Age"] = str(PREFLIGHT_MAX_AGE_S)
 
 
-def _log_access(status: int, route: Route | None, **extra: Any) -> None:
+def _log_access(status: int, route: Route | None) -> None:
     started = g.get("started")
-    access_log.info(
+    write_line(
+        access_log,
         "request",
-        extra={
+        {
             "method": request.method,
             "path": request.path,
             "operation_id": route.operation_id if route else None,
             "uid": g.get("uid"),
             "status": status,
             "latency_ms": round((time.perf_counter() - started) * 1000, 1) if started else None,
-            **extra,
         },
     )
 
 
 def log_stream_end(operation_id: str, uid: str | None, started: float, **extra: Any) -> None:
     """The access-log line of a streamed response, written when its stream ends."""
-    access_log.info(
+    write_line(
+        access_log,
         "request",
-        extra={
+        {
             "method": "POST",
             "operation_id": operation_id,
             "uid": uid,
