@@ -112,6 +112,17 @@ def note(text: str) -> None:
     print(f"-- {text}", flush=True)
 
 
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout_s: float = 5) -> None:
+    """Signal a child process and wait for it, killing it if it lingers."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 # -- databases ----------------------------------------------------------------------------------------------
 @dataclass
 class User:
@@ -327,13 +338,7 @@ class FakeUpstream:
     def stop(self) -> None:
         """Stop the process."""
         self._conn.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, signal.SIGTERM)
         if self.proc.stdout:
             self.proc.stdout.close()
 
@@ -402,13 +407,7 @@ class BareFlask:
 
     def stop(self) -> None:
         """Quick shutdown."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, signal.SIGINT)
         self._log.close()
 
 

@@ -91,13 +91,7 @@ http {{
 
     def stop(self) -> None:
         """Fast shutdown."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        b.stop_process(self.proc, signal.SIGTERM)
 
 
 def find_nginx() -> str | None:
