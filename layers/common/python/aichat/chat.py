@@ -154,10 +154,6 @@ def _integer(value: Any) -> int | None:
     return value if isinstance(value, int) else None
 
 
-def _int_or_none(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
 def sniff_image_type(data: bytes) -> str | None:
     """The image MIME type by magic bytes, or None if it is not an allowed image."""
     for signature, mime_type in IMAGE_SIGNATURES:
@@ -321,7 +317,7 @@ class Chat:
         try:
             upstream = self.llm.open_stream(payload)
         except BaseException:
-            self._release_slot(slot_id)
+            self.release_slot(slot_id)
             raise
         log.info(
             "stream opened",
@@ -396,7 +392,7 @@ class Chat:
         text = last["content"] or (IMAGE_ONLY_PLACEHOLDER if last["has_image"] else "")
         return ChatRequest(role=request.role, text=text, image=None, params=request.params), last["id"]
 
-    def _release_slot(self, slot_id: int) -> None:
+    def release_slot(self, slot_id: int) -> None:
         """Free a stream slot; if the database is down the lease frees it later."""
         try:
             with self.db.tx() as tx:
@@ -456,8 +452,8 @@ class Chat:
                     content,
                     int(partial),
                     now_ms(),
-                    _int_or_none(usage.get("prompt_tokens")),
-                    _int_or_none(usage.get("completion_tokens")),
+                    _integer(usage.get("prompt_tokens")),
+                    _integer(usage.get("completion_tokens")),
                     reasoning,
                 ),
             )
@@ -635,5 +631,5 @@ class StreamRelay:
                 self.chat.save_reply(self.uid, self.role_code, self.reply, partial=True)
             except ApiError:
                 log.error("could not store a partial reply", extra={"uid": self.uid})
-        self.chat._release_slot(self.slot_id)
+        self.chat.release_slot(self.slot_id)
         log_stream_end("chat_stream", self.uid, self.started, outcome=self.outcome, frames=self.frames_sent)
