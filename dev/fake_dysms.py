@@ -31,6 +31,8 @@ class _Server(ThreadingHTTPServer):
     """Threading server that joins its handler threads on close and ignores clients that hung up."""
 
     daemon_threads = False
+    # socketserver's default backlog of 5 refuses bursts of concurrent connections (load tests, 30 users at once).
+    request_queue_size = 128
     block_on_close = True
     fake: FakeDysms
 

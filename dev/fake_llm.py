@@ -123,6 +123,8 @@ class _Server(ThreadingHTTPServer):
     """Threading HTTP server that tracks live connections and handler threads so stop() can end them."""
 
     daemon_threads = True
+    # socketserver's default backlog of 5 refuses bursts of concurrent connections (load tests, 30 users at once).
+    request_queue_size = 128
     block_on_close = False
 
     def __init__(self, address: tuple[str, int], fake: FakeLLM) -> None:

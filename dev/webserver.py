@@ -28,6 +28,8 @@ class _Server(ThreadingHTTPServer):
     """The HTTP server, carrying the web root and the /config.json body its handlers serve."""
 
     daemon_threads = True
+    # socketserver's default backlog of 5 refuses bursts of concurrent connections (load tests, 30 users at once).
+    request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], root: Path, config: bytes) -> None:
         super().__init__(address, _Handler)
