@@ -242,7 +242,10 @@ def test_no_thread_or_connection_leaks_after_200_faulty_streams(start_server, db
     time.sleep(1.0)
     after = _threads_and_sockets(worker)
     assert after[0] <= before[0] + 2, (before, after)
-    assert after[1] <= before[1] + 2, (before, after)
+    # Each of the 8 threads may or may not be holding an idle keep-alive connection to the upstream at the
+    # moment of counting, so the count moves by up to 8 without leaking; a leak over 200 faulty runs (22 of
+    # each kind) would overshoot that.
+    assert after[1] <= before[1] + 8, (before, after)
     # Every message was kept: 200 + warm-up user messages are in the history.
     assert sum(1 for m in history(client) if m["sender_role"] == "user") == 8 + 200 + len(faults) * 3
 
