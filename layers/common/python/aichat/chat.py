@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 from .config import Settings
@@ -22,7 +23,7 @@ from .errors import ApiError
 from .llm import LlmClient, StreamBroken, UpstreamStream
 from .roles import Role, RoleCatalog
 from .store import Database, Row, Tx, now_ms
-from .web import log_stream_end
+from .web import log_access
 
 log = logging.getLogger("aichat.chat")
 
@@ -269,13 +270,15 @@ class Chat:
         reports them in-band.
         """
         request = self.parse(body)
-        return self._start(uid, request, lambda tx: self._append_user_message(tx, uid, request), client)
+        write = partial(self._append_user_message, uid=uid, request=request)
+        return self._start("chat_stream", uid, request, write, client)
 
     def regenerate(self, uid: str, body: dict[str, Any], *, client: socket.socket | None = None) -> StreamRelay:
         """POST /chat/regenerate: answer the last user message again, replacing the reply after it."""
         role = self.roles.get(body.get("role_code"))
         request = ChatRequest(role=role, text="", image=None, params=self._params(body))
-        return self._start(uid, request, lambda tx: self._rewind(tx, uid, request, message_id=None, new=None), client)
+        write = partial(self._rewind, uid=uid, request=request, message_id=None, new=None)
+        return self._start("chat_regenerate", uid, request, write, client)
 
     def edit(self, uid: str, body: dict[str, Any], *, client: socket.socket | None = None) -> StreamRelay:
         """POST /chat/edit: replace the last user message's text (and image), then regenerate the reply."""
@@ -283,12 +286,12 @@ class Chat:
         message_id = _integer(body.get("message_id"))
         if body.get("message_id") is not None and (message_id is None or not 1 <= message_id <= MAX_ID):
             raise ApiError("InvalidInput", "参数 message_id 必须是最后一条用户消息的 id")
-        return self._start(
-            uid, request, lambda tx: self._rewind(tx, uid, request, message_id=message_id, new=request), client
-        )
+        write = partial(self._rewind, uid=uid, request=request, message_id=message_id, new=request)
+        return self._start("chat_edit", uid, request, write, client)
 
     def _start(
         self,
+        operation_id: str,
         uid: str,
         request: ChatRequest,
         write: Callable[[Tx], tuple[ChatRequest, int]],
@@ -331,6 +334,7 @@ class Chat:
             slot_id=slot_id,
             started=started,
             client=client,
+            operation_id=operation_id,
         )
 
     def _take_slot(self, tx: Tx, uid: str) -> int:
@@ -545,8 +549,10 @@ class StreamRelay:
         slot_id: int,
         started: float,
         client: socket.socket | None = None,
+        operation_id: str = "chat_stream",
     ) -> None:
         self.chat = chat
+        self.operation_id = operation_id
         self.uid = uid
         self.role_code = role_code
         self.upstream = upstream
@@ -632,4 +638,13 @@ class StreamRelay:
             except ApiError:
                 log.error("could not store a partial reply", extra={"uid": self.uid})
         self.chat.release_slot(self.slot_id)
-        log_stream_end("chat_stream", self.uid, self.started, outcome=self.outcome, frames=self.frames_sent)
+        log_access(
+            method="POST",
+            path=None,
+            operation_id=self.operation_id,
+            uid=self.uid,
+            status=200,
+            started=self.started,
+            outcome=self.outcome,
+            frames=self.frames_sent,
+        )

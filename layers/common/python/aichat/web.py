@@ -5,10 +5,12 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from flask import Flask, Response, current_app, g, request
@@ -25,6 +27,7 @@ access_log = logging.getLogger("aichat.access")
 
 JSON_CONTENT_TYPE = "application/json; charset=utf-8"
 PREFLIGHT_MAX_AGE_S = 86_400
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 @dataclass(frozen=True)
@@ -71,13 +74,15 @@ def error_response(error: ApiError) -> Response:
 class ApiRequest:
     """What a handler needs from the HTTP request: the JSON body, query, caller and user."""
 
-    def __init__(self, settings: Settings, route: Route) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.route = route
-        self.request_id: str = g.request_id
-        self.client_ip: str = client_ip(settings)
         self.uid: str | None = g.get("uid")
         self.claims: dict[str, Any] = g.get("claims") or {}
+
+    @cached_property
+    def client_ip(self) -> str:
+        """The caller's IP (worked out only by the handlers that need it)."""
+        return client_ip(self.settings)
 
     def json(self) -> dict[str, Any]:
         """The body as a JSON object, or 400 InvalidInput if it is not one (413 if it is over the cap)."""
@@ -87,9 +92,12 @@ class ApiRequest:
             # A chunked body is cut at the cap rather than refused: reaching it means it was larger.
             raise RequestEntityTooLarge()
         try:
-            body = json.loads(raw.decode("utf-8")) if raw else None
-            # A "\ud800" escape decodes to a lone surrogate no database (or log) can encode: refuse it here.
-            json.dumps(body, ensure_ascii=False).encode("utf-8")
+            text = raw.decode("utf-8")
+            body = json.loads(text) if text else None
+            # A "\ud800" escape decodes to a lone surrogate no database (or log) can encode. Only such an
+            # escape can produce one (raw UTF-8 cannot), so the full check runs only when one is present.
+            if SURROGATE_ESCAPE.search(text):
+                json.dumps(body, ensure_ascii=False).encode("utf-8")
         except (UnicodeError, ValueError, RecursionError) as exc:
             raise ApiError("InvalidInput", "请求体不是合法的 JSON") from exc
         if not isinstance(body, dict):
@@ -150,7 +158,6 @@ def create_app(
     configure_logging(settings.log_level)
     app = Flask(f"aichat.{service}")
     app.config["MAX_CONTENT_LENGTH"] = body_limit
-    app.extensions["aichat_routes"] = list(routes)
     by_operation = {route.operation_id: route for route in routes}
 
     for route in routes:
@@ -233,7 +240,7 @@ def _view(
                 raise ApiError("Unauthorized")
             g.uid = claims["sub"]
             g.claims = claims
-        result = route.handler(ApiRequest(settings, route))
+        result = route.handler(ApiRequest(settings))
         if isinstance(result, Response):
             return result
         return json_response(result)
@@ -260,31 +267,37 @@ def _add_cors_headers(response: Response, settings: Settings) -> None:
 
 def _log_access(status: int, route: Route | None) -> None:
     started = g.get("started")
-    write_line(
-        access_log,
-        "request",
-        {
-            "method": request.method,
-            "path": request.path,
-            "operation_id": route.operation_id if route else None,
-            "uid": g.get("uid"),
-            "status": status,
-            "latency_ms": round((time.perf_counter() - started) * 1000, 1) if started else None,
-        },
+    log_access(
+        method=request.method,
+        path=request.path,
+        operation_id=route.operation_id if route else None,
+        uid=g.get("uid"),
+        status=status,
+        started=started,
     )
 
 
-def log_stream_end(operation_id: str, uid: str | None, started: float, **extra: Any) -> None:
-    """The access-log line of a streamed response, written when its stream ends."""
+def log_access(
+    *,
+    method: str,
+    path: str | None,
+    operation_id: str | None,
+    uid: str | None,
+    status: int,
+    started: float | None,
+    **extra: Any,
+) -> None:
+    """One access-log line: for JSON responses when they are sent, for streams when they end."""
     write_line(
         access_log,
         "request",
         {
-            "method": "POST",
+            "method": method,
+            "path": path,
             "operation_id": operation_id,
             "uid": uid,
-            "status": 200,
-            "latency_ms": round((time.perf_counter() - started) * 1000, 1),
+            "status": status,
+            "latency_ms": round((time.perf_counter() - started) * 1000, 1) if started else None,
             **extra,
         },
     )
