@@ -31,8 +31,8 @@ for _path in (str(LAYER), str(ROOT)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
-from aichat.auth import issue_token  # noqa: E402
 from aichat.store import Database  # noqa: E402
+from aichat.tokens import issue_token  # noqa: E402
 
 from tests.servers import TEST_SECRET, ServerProcess, base_env, free_port  # noqa: E402
 

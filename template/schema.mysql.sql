@@ -1,4 +1,4 @@
--- aichat schema (mysql); generated from aichat.store.MIGRATIONS by `make schema`.
+-- aichat schema (mysql); generated from aichat.store.schema by `make schema`.
 
 -- migration 1: users and verification codes
 CREATE TABLE IF NOT EXISTS users ( uid CHAR(24) NOT NULL PRIMARY KEY, country_code VARCHAR(4) NOT NULL, phone_number VARCHAR(15) NOT NULL, created_at BIGINT NOT NULL, UNIQUE KEY uq_users_phone (country_code, phone_number)) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
@@ -15,5 +15,13 @@ CREATE TABLE IF NOT EXISTS chat_events ( id BIGINT NOT NULL AUTO_INCREMENT PRIMA
 CREATE TABLE IF NOT EXISTS stream_slots ( id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY, uid CHAR(24) NOT NULL, expires_at BIGINT NOT NULL, KEY ix_stream_slots_uid (uid, expires_at)) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
 
 -- migration 4: usage, reasoning and revoked tokens
-ALTER TABLE messages ADD COLUMN prompt_tokens INT NULL, ADD COLUMN completion_tokens INT NULL, ADD COLUMN reasoning_content MEDIUMTEXT NULL;
+ALTER TABLE messages ADD COLUMN prompt_tokens INT NULL;
+ALTER TABLE messages ADD COLUMN completion_tokens INT NULL;
+ALTER TABLE messages ADD COLUMN reasoning_content MEDIUMTEXT NULL;
 CREATE TABLE IF NOT EXISTS revoked_tokens ( jti CHAR(32) NOT NULL PRIMARY KEY, expires_at BIGINT NOT NULL, KEY ix_revoked_tokens_expiry (expires_at)) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
+
+-- migration 5: conversations
+CREATE TABLE IF NOT EXISTS conversations ( id CHAR(24) NOT NULL PRIMARY KEY, uid CHAR(24) NOT NULL, role_code VARCHAR(64) NOT NULL, title VARCHAR(200) NOT NULL DEFAULT '', title_custom TINYINT(1) NOT NULL DEFAULT 0, default_key VARCHAR(64) NULL, settings TEXT NOT NULL, created_at BIGINT NOT NULL, updated_at BIGINT NOT NULL, last_message_at BIGINT NULL, active_at BIGINT NOT NULL, UNIQUE KEY uq_conversations_default (uid, default_key), KEY ix_conversations_active (uid, active_at, id), KEY ix_conversations_role (uid, role_code, active_at, id)) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
+ALTER TABLE messages ADD COLUMN conversation_id CHAR(24) NULL;
+-- data step: every (user, role) history becomes that role's default conversation (ids and order unchanged)
+CREATE INDEX ix_messages_conversation_id ON messages (conversation_id, id);

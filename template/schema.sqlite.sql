@@ -1,4 +1,4 @@
--- aichat schema (sqlite); generated from aichat.store.MIGRATIONS by `make schema`.
+-- aichat schema (sqlite); generated from aichat.store.schema by `make schema`.
 
 -- migration 1: users and verification codes
 CREATE TABLE IF NOT EXISTS users ( uid TEXT PRIMARY KEY, country_code TEXT NOT NULL, phone_number TEXT NOT NULL, created_at INTEGER NOT NULL, UNIQUE (country_code, phone_number));
@@ -25,3 +25,11 @@ ALTER TABLE messages ADD COLUMN completion_tokens INTEGER;
 ALTER TABLE messages ADD COLUMN reasoning_content TEXT;
 CREATE TABLE IF NOT EXISTS revoked_tokens ( jti TEXT PRIMARY KEY, expires_at INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS ix_revoked_tokens_expiry ON revoked_tokens (expires_at);
+
+-- migration 5: conversations
+CREATE TABLE IF NOT EXISTS conversations ( id TEXT PRIMARY KEY, uid TEXT NOT NULL, role_code TEXT NOT NULL, title TEXT NOT NULL DEFAULT '', title_custom INTEGER NOT NULL DEFAULT 0, default_key TEXT, settings TEXT NOT NULL DEFAULT '{}', created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL, last_message_at INTEGER, active_at INTEGER NOT NULL, UNIQUE (uid, default_key));
+CREATE INDEX IF NOT EXISTS ix_conversations_active ON conversations (uid, active_at, id);
+CREATE INDEX IF NOT EXISTS ix_conversations_role ON conversations (uid, role_code, active_at, id);
+ALTER TABLE messages ADD COLUMN conversation_id TEXT;
+-- data step: every (user, role) history becomes that role's default conversation (ids and order unchanged)
+CREATE INDEX ix_messages_conversation_id ON messages (conversation_id, id);

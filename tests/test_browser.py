@@ -1,4 +1,5 @@
-"""The web client end to end in Debian's Chromium (Playwright): login, roles, streaming, history, image, clear."""
+"""The web client end to end in Debian's Chromium (Playwright): login, roles, streaming, history, image,
+conversations (create, switch, rename, delete, a stream error under its reply), clear."""
 
 from __future__ import annotations
 
@@ -123,6 +124,12 @@ def test_chat_flow(browser, site, fake_llm, tmp_path):
             page.once("dialog", lambda dialog: dialog.accept())
             page.click("#clear-btn")
             expect(page.locator(".bubble")).to_have_count(1)
+        # The default conversation opens first (a placeholder entry until a first message creates it).
+        page.click("#conv-btn")
+        expect(page.locator("#conv-drawer")).to_be_visible()
+        expect(page.locator('.conv-item[data-default="true"] .conv-open')).to_have_attribute("aria-current", "true")
+        page.keyboard.press("Escape")
+        expect(page.locator("#conv-drawer")).to_be_hidden()
 
         # A slow reply grows in the bubble as it streams.
         fake_llm.enqueue(chunks=CHUNKS, delay=0.25)
@@ -171,6 +178,107 @@ def test_chat_flow(browser, site, fake_llm, tmp_path):
         assert {"type": "image_url", "image_url": {"url": image_url}} in turn
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "chat.png"))
+        default_users = ["今天有点累。", "看看我家的猫"]
+        default_replies = page.locator(".bubble.assistant .text").all_inner_texts()
+        assert len(default_replies) == 3 and default_replies[1] == final
+
+        # The conversation list: the default one is open, titled by its first message, and cannot be deleted.
+        drawer = page.locator("#conv-drawer")
+        items = page.locator(".conv-item")
+        default = page.locator('.conv-item[data-default="true"]')
+        expect(drawer).to_be_hidden()
+        page.click("#conv-btn")
+        expect(drawer).to_be_visible()
+        expect(page.locator("#conv-list")).to_have_attribute("aria-busy", "false")
+        expect(default).to_have_count(1)
+        expect(default.locator(".conv-open")).to_have_attribute("aria-current", "true")
+        expect(default.locator(".conv-title")).to_have_text("今天有点累。")
+        expect(default.locator(".conv-delete")).to_have_count(0)
+        expect(page.locator("#chat-title")).to_have_text("今天有点累。")
+        before = items.count()
+
+        # 新对话 opens an empty conversation; the upstream sees none of the default one's history.
+        page.click("#new-conv-btn")
+        expect(drawer).to_be_hidden()
+        expect(items).to_have_count(before + 1)
+        expect(page.locator(".bubble")).to_have_count(1)
+        expect(page.locator("#chat-title")).to_have_text("新对话")
+        second_id = page.locator(".conv-item.current").get_attribute("data-id")
+        assert second_id and second_id != default.get_attribute("data-id")
+        second = page.locator(f'.conv-item[data-id="{second_id}"]')
+        page.fill("#message", "我们换个话题吧")
+        page.press("#message", "Enter")
+        expect(page.locator(".bubble.assistant .text").last).to_contain_text("你说的是：「我们换个话题吧」")
+        expect(page.locator(".bubble.streaming")).to_have_count(0)
+        sent = fake_llm.requests[-1]["body"]["messages"]
+        assert [m["content"] for m in sent if m["role"] == "user"] == ["我们换个话题吧"], sent
+        # After [DONE] the list is read again: the first message named the conversation, now the most recent.
+        expect(second.locator(".conv-title")).to_have_text("我们换个话题吧")
+        expect(page.locator("#chat-title")).to_have_text("我们换个话题吧")
+        expect(items.first).to_have_attribute("data-id", second_id)
+
+        # The upstream fails mid-reply: the text so far stays, the x_event error's message shows under the bubble.
+        fake_llm.enqueue(chunks=["说到", "一半", "就断了"], drop_after=2)
+        page.fill("#message", "再说一句")
+        page.press("#message", "Enter")
+        expect(page.locator(".bubble.streaming")).to_have_count(0)
+        last_reply = page.locator(".bubble.assistant").last
+        expect(last_reply).to_contain_text("（未完成）")  # read back from the history: stored as partial
+        expect(last_reply.locator(".text")).to_have_text("说到一半")
+        expect(page.locator(".reply-note")).to_have_count(1)
+        expect(page.locator(".bubble.assistant + .reply-note")).to_have_text(re.compile(r"\S"))
+        expect(page.locator("#error")).to_be_hidden()
+        assert len([m for m in fake_llm.requests[-1]["body"]["messages"] if m["role"] == "user"]) == 2
+        page.click("#conv-btn")
+        expect(second.locator(".conv-meta")).to_contain_text("4 条")
+        page.screenshot(path=str(ARTIFACTS / "conversations.png"), animations="disabled")
+
+        # A reload opens the default conversation first, unchanged.
+        page.reload()
+        expect(page.locator("#messages")).to_have_attribute("aria-busy", "false")
+        expect(page.locator("#chat-title")).to_have_text("今天有点累。")
+        expect(page.locator(".bubble.user .text")).to_have_text(default_users)
+        expect(page.locator(".bubble.assistant .text")).to_have_text(default_replies)
+
+        # Switch to the second conversation and back; each shows its own history.
+        page.click("#conv-btn")
+        second.locator(".conv-open").click()
+        expect(drawer).to_be_hidden()
+        expect(page.locator("#chat-title")).to_have_text("我们换个话题吧")
+        expect(page.locator(".bubble.user .text")).to_have_text(["我们换个话题吧", "再说一句"])
+        expect(page.locator(".bubble .partial-tag")).to_have_count(1)
+        page.click("#conv-btn")
+        default.locator(".conv-open").click()
+        expect(drawer).to_be_hidden()
+        expect(page.locator(".bubble.user .text")).to_have_text(default_users)
+        expect(page.locator(".bubble.assistant .text")).to_have_text(default_replies)
+        expect(page.locator(".reply-note")).to_have_count(0)
+
+        # Rename (a prompt with the current title) and delete (a confirm) the second conversation.
+        dialogs: list[tuple[str, str, str]] = []
+
+        def answer(dialog, text: str | None = None) -> None:
+            dialogs.append((dialog.type, dialog.message, dialog.default_value))
+            if text is None:
+                dialog.accept()
+            else:
+                dialog.accept(text)
+
+        page.click("#conv-btn")
+        page.once("dialog", lambda dialog: answer(dialog, "  换个话题  "))
+        second.locator(".conv-rename").click()
+        expect(second.locator(".conv-title")).to_have_text("换个话题")
+        assert dialogs[-1][0] == "prompt" and dialogs[-1][2] == "我们换个话题吧"
+        page.once("dialog", answer)
+        second.locator(".conv-delete").click()
+        expect(page.locator("#notice")).to_have_text("会话已删除")
+        assert dialogs[-1][0] == "confirm" and "换个话题" in dialogs[-1][1]
+        expect(second).to_have_count(0)
+        expect(items).to_have_count(before)
+        expect(default.locator(".conv-open")).to_have_attribute("aria-current", "true")
+        page.click("#conv-close")
+        expect(drawer).to_be_hidden()
+        expect(page.locator(".bubble.user .text")).to_have_text(default_users)
 
         # Clearing leaves only the opening message.
         page.once("dialog", lambda dialog: dialog.accept())

@@ -11,7 +11,7 @@ from pathlib import Path
 import jwt
 import pytest
 import requests
-from aichat.chat import estimate_tokens, message_tokens
+from aichat.chat.context import estimate_tokens, message_tokens
 
 from tests.conftest import ROLES_FILE, chat_env
 from tests.servers import TEST_SECRET, Client, frame_text, free_port, query, read_stream, sse_events
@@ -100,8 +100,10 @@ class TestStream:
         events = [e for e in raw.split("\n\n") if e]
         assert all(e.startswith("data: ") for e in events)
         assert events[-1] == "data: [DONE]"
-        # Each frame carries the fake upstream's own fields (x_sent_at, id), byte for byte.
-        first = json.loads(events[1][6:])
+        # Our meta frame comes first; then each upstream frame that already follows the client rule is
+        # forwarded byte for byte (the fake upstream's own fields: x_sent_at, id).
+        assert json.loads(events[0][6:])["x_event"]["type"] == "stream.meta"
+        first = json.loads(events[2][6:])
         assert first["choices"][0]["delta"]["content"] == "你" and "x_sent_at" in first
         assert first["id"].startswith("chatcmpl-")
 
@@ -279,7 +281,10 @@ class TestUpstreamFailures:
         assert payloads[-1] == "[DONE]"
         fallback = json.loads(payloads[-2])
         assert fallback["error"]["code"] == code and fallback["error"]["message"]
-        assert fallback["choices"][0]["delta"]["content"]
+        # The fallback adds no text of its own: what a client concatenated is exactly what history keeps.
+        assert fallback["choices"][0]["delta"]["content"] == ""
+        assert fallback["x_event"]["type"] == "error" and fallback["x_event"]["code"] == code
+        assert frame_text(payloads) == "一二"
         messages = history(user)
         assert (messages[0]["sender_role"], messages[0]["content"]) == ("user", "讲个故事")
         assert messages[1]["sender_role"] == "assistant" and messages[1]["is_partial"] is True
@@ -295,8 +300,9 @@ class TestUpstreamFailures:
         fake_llm.enqueue(chunks=["一", "二", "三", "四", "五", "六"], delay=0.3)
         res = stream(user, {"role_code": "naitang", "message": "别走"})
         events = sse_events(res)
-        next(events)
-        next(events)
+        received = ""
+        while not received:  # the meta frame and the role frame carry no text
+            received += frame_text([next(events)[1]])
         res.close()  # the user closes the page
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from aichat import config
 from aichat.config import ENV_VARS, FALLBACK_KEY_VAR, RUNNER_ENV_VARS, ConfigError, load_settings
-from aichat.store import MIGRATIONS, ddl
+from aichat.store import ddl
+from aichat.store.schema import MIGRATIONS
 
 from tests.servers import LAYER, ROOT
 

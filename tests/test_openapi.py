@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
 import re
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,10 +18,13 @@ import pytest
 import requests
 import schemathesis
 import yaml
-from aichat.auth import issue_token
 from aichat.errors import CATALOG
+from aichat.tokens import issue_token
+from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate as validate_openapi
 from openapi_spec_validator.validation import OpenAPIV31SpecValidator
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
 from schemathesis.specs.openapi import checks as openapi_checks
 
 from tests.conftest import IN_CI, chat_env
@@ -34,14 +39,28 @@ HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "tra
 EXTRA_STATUSES = {("SendCodeFailed", 400), ("NetworkError", 504)}
 TEST_ACCOUNT = {"phone_number": "10086", "country_code": "86", "verify_code": "1234"}
 # The operations the services serve beyond the contract's catalog; the document marks each `x-extension: true`.
-EXTENSIONS = {"me", "logout", "account_delete", "chat_delete_message", "chat_regenerate", "chat_edit"}
+EXTENSIONS = {
+    "me",
+    "logout",
+    "account_delete",
+    "chat_delete_message",
+    "chat_regenerate",
+    "chat_edit",
+    "chat_send",
+    "chat_conversation_create",
+    "chat_conversations",
+    "chat_conversation",
+    "chat_conversation_update",
+    "chat_conversation_delete",
+}
 STREAMED = ("chat_stream", "chat_regenerate", "chat_edit")
 SERVER_ERRORS = {"DatabaseError", "MissingDatabaseConfig", "InternalError"}
-# Every streamed reply (chat_stream, chat_regenerate, chat_edit) can answer these before its first frame.
+# Every streamed reply (chat_stream, chat_regenerate, chat_edit) and chat_send, its JSON counterpart, can
+# answer these before its first frame (a conversation_id that is unknown or another user's: ConversationNotFound).
 STREAM_ERRORS = {
     "400": {"InvalidInput", "InvalidImage"},
     "401": {"Unauthorized"},
-    "404": {"RoleNotFound"},
+    "404": {"RoleNotFound", "ConversationNotFound"},
     "413": {"PayloadTooLarge"},
     "429": {"RateLimited"},
     "500": {"MissingApiKey"} | SERVER_ERRORS,
@@ -84,6 +103,47 @@ def resolve(spec: dict[str, Any], node: Any) -> Any:
             target = target[part]
         node = target
     return node
+
+
+@functools.cache
+def schema_validator(name: str) -> Draft202012Validator:
+    """A JSON Schema validator of one of the document's components/schemas (its $refs resolved in the document)."""
+    registry = Registry().with_resource("urn:openapi", Resource(contents=load_spec(), specification=DRAFT202012))
+    return Draft202012Validator({"$ref": f"urn:openapi#/components/schemas/{name}"}, registry=registry)
+
+
+def stream_chunks(payloads: list[str]) -> list[dict[str, Any]]:
+    """The chunks of a complete stream's payloads ([DONE] left out), checked against StreamChunk and the framing.
+
+    Every chunk has `choices[0].delta.content` as a string; the first is the local `stream.meta` frame,
+    the last the `done` frame or the fallback frame (`error`, with empty content and an `error` object that
+    `x_event` repeats); no frame between them carries an `x_event`.
+    """
+    chunks = [json.loads(payload) for payload in payloads]
+    assert len(chunks) >= 2, f"a stream has at least its stream.meta and its last frame: {payloads!r}"
+    for chunk in chunks:
+        schema_validator("StreamChunk").validate(chunk)
+        assert isinstance(chunk["choices"][0]["delta"]["content"], str), chunk
+    first, last = chunks[0], chunks[-1]
+    assert first["x_event"]["type"] == "stream.meta", first
+    assert first["choices"][0]["delta"]["content"] == "", first
+    assert all("x_event" not in chunk for chunk in chunks[1:-1]), "x_event on an upstream frame"
+    event = last["x_event"]
+    assert event["type"] in ("done", "error"), last
+    assert event["conversation_id"] == first["x_event"]["conversation_id"], (first, last)
+    assert last["choices"][0]["delta"]["content"] == "", last
+    if event["type"] == "done":
+        assert "error" not in last, last
+        assert last["choices"][0]["finish_reason"] == event["finish_reason"], last
+    else:
+        assert last["choices"][0]["finish_reason"] == "error", last
+        assert (last["error"]["code"], last["error"]["message"]) == (event["code"], event["message"]), last
+    return chunks
+
+
+def reply_text(chunks: list[dict[str, Any]]) -> str:
+    """The reply a stream spelled out: its frames' `choices[0].delta.content`, concatenated."""
+    return "".join(chunk["choices"][0]["delta"]["content"] for chunk in chunks)
 
 
 def documented_codes(spec: dict[str, Any], response: dict[str, Any]) -> set[str]:
@@ -165,13 +225,13 @@ def test_operations_document_the_errors_the_code_can_produce() -> None:
         "chat_history": {
             "400": {"InvalidInput"},
             "401": {"Unauthorized"},
-            "404": {"RoleNotFound"},
+            "404": {"RoleNotFound", "ConversationNotFound"},
             "500": {"DatabaseError", "MissingDatabaseConfig", "InternalError"},
         },
         "chat_clear": {
             "400": {"InvalidInput"},
             "401": {"Unauthorized"},
-            "404": {"RoleNotFound"},
+            "404": {"RoleNotFound", "ConversationNotFound"},
             "413": {"PayloadTooLarge"},
             "500": {"DatabaseError", "MissingDatabaseConfig", "InternalError"},
         },
@@ -185,6 +245,40 @@ def test_operations_document_the_errors_the_code_can_produce() -> None:
         # Regenerating takes no new message or image, so it has no InvalidImage.
         "chat_regenerate": {**STREAM_ERRORS, "400": {"InvalidInput"}},
         "chat_edit": STREAM_ERRORS,
+        "chat_send": STREAM_ERRORS,
+        "chat_conversation_create": {
+            "400": {"InvalidInput"},
+            "401": {"Unauthorized"},
+            "404": {"RoleNotFound"},
+            "413": {"PayloadTooLarge"},
+            "500": SERVER_ERRORS,
+        },
+        "chat_conversations": {
+            "400": {"InvalidInput"},
+            "401": {"Unauthorized"},
+            "404": {"RoleNotFound"},
+            "500": SERVER_ERRORS,
+        },
+        "chat_conversation": {
+            "400": {"InvalidInput"},
+            "401": {"Unauthorized"},
+            "404": {"ConversationNotFound"},
+            "500": SERVER_ERRORS,
+        },
+        "chat_conversation_update": {
+            "400": {"InvalidInput"},
+            "401": {"Unauthorized"},
+            "404": {"ConversationNotFound"},
+            "413": {"PayloadTooLarge"},
+            "500": SERVER_ERRORS,
+        },
+        "chat_conversation_delete": {
+            "400": {"InvalidInput"},
+            "401": {"Unauthorized"},
+            "404": {"ConversationNotFound"},
+            "413": {"PayloadTooLarge"},
+            "500": SERVER_ERRORS,
+        },
     }
     assert set(operations) == set(expected)
     for operation_id, errors in expected.items():
@@ -195,7 +289,7 @@ def test_operations_document_the_errors_the_code_can_produce() -> None:
             if not status.startswith("2")
         }
         assert documented == errors, operation_id
-    for operation_id in ("send_code", *STREAMED):
+    for operation_id in ("send_code", *STREAMED, "chat_send"):
         too_many = resolve(spec, operations[operation_id]["operation"]["responses"]["429"])
         assert resolve(spec, too_many["headers"]["Retry-After"])["required"] is True, operation_id
     for name in ("NotFound", "MethodNotAllowed"):
@@ -211,15 +305,60 @@ def test_streamed_operations_answer_server_sent_events(operation_id: str) -> Non
     assert list(ok["content"]) == ["text/event-stream"]
     stream = ok["content"]["text/event-stream"]
     assert stream["schema"]["type"] == "string"
-    for example in stream["examples"].values():
+    assert {"reply", "fallback"} <= set(stream["examples"])
+    for name, example in stream["examples"].items():
         frames = example["value"].split("\n\n")
         assert frames[-2:] == ["data: [DONE]", ""], "frames end with data: [DONE]"
         for frame in frames[:-2]:
             assert frame.startswith("data: ")
             assert "choices" in json.loads(frame.removeprefix("data: "))
+        chunks = stream_chunks([frame.removeprefix("data: ") for frame in frames[:-2]])
+        assert chunks[-1]["x_event"]["type"] == ("error" if name == "fallback" else "done"), name
     assert stream["x-sse-event-schema"] == {"$ref": "#/components/schemas/StreamEvent"}
     fallback = spec["components"]["schemas"]["StreamChunk"]["properties"]["error"]
     assert resolve(spec, fallback)["required"] == ["code", "message"]
+
+
+def test_send_answers_json() -> None:
+    """chat_send is the streamed turn's JSON counterpart: the body of /chat/stream, one ChatSendResponse."""
+    spec = load_spec()
+    operations = spec_operations(spec)
+    operation = operations["chat_send"]["operation"]
+    for operation_id in ("chat_stream", "chat_send"):
+        body = operations[operation_id]["operation"]["requestBody"]["content"]["application/json"]
+        assert body["schema"] == {"$ref": "#/components/schemas/ChatStreamRequest"}, operation_id
+    ok = resolve(spec, operation["responses"]["200"])
+    assert list(ok["content"]) == ["application/json"]
+    assert ok["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ChatSendResponse"}
+
+
+@pytest.mark.parametrize(
+    "operation_id",
+    [
+        "chat_history",
+        "chat_send",
+        "chat_conversation_create",
+        "chat_conversations",
+        "chat_conversation",
+        "chat_conversation_update",
+        "chat_conversation_delete",
+    ],
+)
+def test_conversation_examples_match_their_schemas(operation_id: str) -> None:
+    """The request and success examples of the conversation operations are valid instances of their schemas."""
+    spec = load_spec()
+    operation = spec_operations(spec)[operation_id]["operation"]
+    media = [operation["requestBody"]["content"]["application/json"]] if "requestBody" in operation else []
+    media.append(resolve(spec, operation["responses"]["200"])["content"]["application/json"])
+    for each in media:
+        schema = resolve(spec, each["schema"])
+        name = next(key for key, value in spec["components"]["schemas"].items() if value is schema)
+        examples = [example["value"] for example in each.get("examples", {}).values()]
+        if "example" in each:
+            examples.append(each["example"])
+        assert examples, f"{operation_id}: no example for {name}"
+        for example in examples:
+            schema_validator(name).validate(example)
 
 
 # -- the route tables and the contract -------------------------------------------------------------
@@ -479,6 +618,8 @@ def sse_frames(ctx: schemathesis.CheckContext, response: schemathesis.Response, 
         chunk = json.loads(event.removeprefix("data: "))
         assert isinstance(chunk, dict) and isinstance(chunk.get("choices"), list), f"not a chunk: {event[:200]!r}"
         assert "error" not in chunk, f"fallback frame from a healthy upstream: {event[:300]!r}"
+    if not response.stream_cut_short:
+        stream_chunks([event.removeprefix("data: ") for event in events[:-2]])
 
 
 CHECKS = [
@@ -669,6 +810,7 @@ def call(
     token: str | None = None,
     body: Any = None,
     query: dict[str, Any] | None = None,
+    checks: list[Any] | None = None,
     **kwargs: Any,
 ) -> schemathesis.Response:
     """One request to an operation (as `token`'s user, default the test account), checked like a generated case."""
@@ -681,7 +823,8 @@ def call(
     if "data" in kwargs:
         headers["Content-Type"] = "application/json"
     base_url = live.base_url(operation.path)
-    return case.call_and_validate(base_url=base_url, headers=headers, checks=CHECKS, timeout=30, **kwargs)
+    checks = CHECKS if checks is None else checks
+    return case.call_and_validate(base_url=base_url, headers=headers, checks=checks, timeout=30, **kwargs)
 
 
 def answer(response: schemathesis.Response, status: int, code: str | None = None) -> dict[str, Any]:
@@ -872,3 +1015,319 @@ def test_edit_replaces_the_last_user_message(live: LiveServices) -> None:
     assert history(live, token)["messages"][2]["content"] == "再改一次"
     answer(call(live, "chat_edit", token=token, body={"role_code": "naitang"}), 400, "InvalidInput")
     answer(call(live, "chat_edit", token=token, body={**edit, "image_base64": "not base64"}), 400, "InvalidImage")
+
+
+# -- conversations, /chat/send and the stream's framing, by hand --------------------------------------
+
+# The checks for a scripted upstream failure: a fallback frame or a 502 is then the expected answer.
+FAILURE_CHECKS = [check for check in CHECKS if check not in (sse_frames, not_a_server_error)]
+HISTORY_FIELDS = ("id", "sender_role", "content", "has_image", "is_partial", "created_at")
+
+
+def new_conversation(live: LiveServices, token: str, role_code: str = "naitang", **fields: Any) -> dict[str, Any]:
+    """A freshly created conversation of `token`'s user."""
+    body = {"role_code": role_code, **fields}
+    return answer(call(live, "chat_conversation_create", token=token, body=body), 200)["conversation"]
+
+
+def conversation(live: LiveServices, conversation_id: str, token: str) -> dict[str, Any]:
+    """One conversation, as /chat/conversation answers it."""
+    query = {"conversation_id": conversation_id}
+    return answer(call(live, "chat_conversation", token=token, query=query), 200)["conversation"]
+
+
+def conversations(live: LiveServices, token: str, **query: Any) -> dict[str, Any]:
+    """One page of /chat/conversations."""
+    return answer(call(live, "chat_conversations", token=token, query=query or None), 200)
+
+
+def streamed(response: schemathesis.Response) -> list[dict[str, Any]]:
+    """The checked chunks of a 200 event stream ([DONE] left out)."""
+    return stream_chunks(stream_frames(response)[:-1])
+
+
+def test_conversations_are_created_read_updated_and_deleted(live: LiveServices) -> None:
+    """A new conversation starts empty with its title and settings; it can be read, listed, changed and deleted."""
+    _, token = live.new_account()
+    created = new_conversation(live, token, title="睡前聊天", settings={"temperature": 0.8, "max_tokens": 256})
+    conversation_id = created["conversation_id"]
+    assert isinstance(conversation_id, str) and conversation_id
+    assert (created["role_code"], created["title"], created["is_default"]) == ("naitang", "睡前聊天", False)
+    assert (created["message_count"], created["last_message_at"]) == (0, None)
+    settings = created["settings"]
+    assert (settings["temperature"], settings["max_tokens"]) == (0.8, 256)
+    assert (settings["top_p"], settings["presence_penalty"], settings["frequency_penalty"]) == (None, None, None)
+    assert settings["thinking_enabled"] is False and isinstance(settings["model"], str) and settings["model"]
+    assert conversation(live, conversation_id, token) == created
+    listed = conversations(live, token, role_code="naitang")["conversations"]
+    assert [each for each in listed if each["conversation_id"] == conversation_id] == [created]
+    assert conversation_id in [each["conversation_id"] for each in conversations(live, token)["conversations"]]
+    others = conversations(live, token, role_code="wanqing")["conversations"]
+    assert conversation_id not in [each["conversation_id"] for each in others]
+
+    change = {"conversation_id": conversation_id, "title": "周末计划", "settings": {"temperature": None, "top_p": 0.5}}
+    updated = answer(call(live, "chat_conversation_update", token=token, body=change), 200)["conversation"]
+    assert updated["title"] == "周末计划"
+    assert updated["settings"] == {**settings, "temperature": None, "top_p": 0.5}  # the others stay as they were
+    assert conversation(live, conversation_id, token) == updated
+    rename = {"conversation_id": conversation_id, "settings": {"thinking_enabled": True}}
+    renamed = answer(call(live, "chat_conversation_update", token=token, body=rename), 200)["conversation"]
+    assert renamed["title"] == "周末计划" and renamed["settings"] == {**updated["settings"], "thinking_enabled": True}
+
+    deleted = answer(
+        call(live, "chat_conversation_delete", token=token, body={"conversation_id": conversation_id}), 200
+    )
+    assert deleted == {"success": True, "message": "会话已删除", "deleted_count": 0}
+    gone = {"conversation_id": conversation_id}
+    answer(call(live, "chat_conversation", token=token, query=gone), 404, "ConversationNotFound")
+    answer(
+        call(live, "chat_conversation_update", token=token, body={**gone, "title": "x"}), 404, "ConversationNotFound"
+    )
+    answer(call(live, "chat_conversation_delete", token=token, body=gone), 404, "ConversationNotFound")
+    assert conversation_id not in [each["conversation_id"] for each in conversations(live, token)["conversations"]]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},
+        {"role_code": "naitang", "title": 5},
+        {"role_code": "naitang", "title": "长" * 101},
+        {"role_code": "naitang", "settings": "hot"},
+        {"role_code": "naitang", "settings": {"bogus": 1}},
+        {"role_code": "naitang", "settings": {"temperature": 2.5}},
+        {"role_code": "naitang", "settings": {"temperature": "0.5"}},
+        {"role_code": "naitang", "settings": {"top_p": 0}},
+        {"role_code": "naitang", "settings": {"max_tokens": 1.5}},
+        {"role_code": "naitang", "settings": {"max_tokens": 8193}},
+        {"role_code": "naitang", "settings": {"presence_penalty": -3}},
+        {"role_code": "naitang", "settings": {"frequency_penalty": 2.5}},
+        {"role_code": "naitang", "settings": {"thinking_enabled": "yes"}},
+        {"role_code": "naitang", "settings": {"model": "no-such-model"}},
+        {"role_code": "naitang", "settings": {"model": 5}},
+    ],
+    ids=str,
+)
+def test_conversation_create_refuses_bad_input(live: LiveServices, body: dict[str, Any]) -> None:
+    """A missing role_code, a title that is no string or too long, or bad settings are 400 InvalidInput."""
+    answer(call(live, "chat_conversation_create", body=body), 400, "InvalidInput")
+
+
+def test_conversation_operations_refuse_bad_input(live: LiveServices) -> None:
+    """Unknown roles are 404 RoleNotFound; a missing conversation_id or bad settings on update are 400."""
+    _, token = live.new_account()
+    conversation_id = new_conversation(live, token)["conversation_id"]
+    answer(call(live, "chat_conversation_create", token=token, body={"role_code": "nobody"}), 404, "RoleNotFound")
+    answer(call(live, "chat_conversations", token=token, query={"role_code": "nobody"}), 404, "RoleNotFound")
+    answer(call(live, "chat_conversation", token=token), 400, "InvalidInput")
+    for body in ({}, {"title": "x"}, {"conversation_id": conversation_id, "settings": {"bogus": 1}}):
+        answer(call(live, "chat_conversation_update", token=token, body=body), 400, "InvalidInput")
+    too_long = {"conversation_id": conversation_id, "title": "长" * 101}
+    answer(call(live, "chat_conversation_update", token=token, body=too_long), 400, "InvalidInput")
+    answer(call(live, "chat_conversation_delete", token=token, body={}), 400, "InvalidInput")
+    assert conversation(live, conversation_id, token)["title"] == ""  # nothing changed
+
+
+def test_conversations_page_most_recently_active_first(live: LiveServices) -> None:
+    """The list pages with limit/next_cursor through every conversation once; a new message moves one first."""
+    _, token = live.new_account()
+    ids = [new_conversation(live, token, title=f"会话 {n}")["conversation_id"] for n in range(3)]
+    time.sleep(1.1)  # activity times have a resolution of one second
+    streamed(call(live, "chat_stream", token=token, body={"conversation_id": ids[0], "message": "在吗？"}))
+    whole = conversations(live, token, limit=100)
+    assert (whole["has_more"], whole["next_cursor"]) == (False, None)
+    order = [each["conversation_id"] for each in whole["conversations"]]
+    assert set(ids) <= set(order) and next(each for each in order if each in ids) == ids[0]
+    paged: list[str] = []
+    page = conversations(live, token, limit=1)
+    while True:
+        assert len(page["conversations"]) == 1
+        paged.append(page["conversations"][0]["conversation_id"])
+        if not page["has_more"]:
+            assert page["next_cursor"] is None
+            break
+        assert isinstance(page["next_cursor"], str) and page["next_cursor"]
+        page = conversations(live, token, limit=1, cursor=page["next_cursor"])
+    assert paged == order
+    default_size = conversations(live, token)["conversations"]
+    assert [each["conversation_id"] for each in default_size] == order  # default limit 20
+    for query in ({"limit": 0}, {"limit": 101}, {"limit": "x"}, {"cursor": "not-a-cursor"}):
+        answer(call(live, "chat_conversations", token=token, query=query), 400, "InvalidInput")
+
+
+def test_a_conversation_streams_regenerates_edits_and_clears_apart(live: LiveServices) -> None:
+    """With conversation_id every turn operation works on that conversation; the role's default stays as it was."""
+    _, token = live.new_account()
+    conversation_id = new_conversation(live, token)["conversation_id"]
+    live.seed("naitang", token)  # the role's default conversation
+    default_before = history(live, token)
+    text = "今天想换个话题：聊聊周末去西湖边散步看日落，再吃一碗片儿川的计划，你觉得怎么样？"
+    chunks = streamed(
+        call(live, "chat_stream", token=token, body={"conversation_id": conversation_id, "message": text})
+    )
+    meta, done = chunks[0]["x_event"], chunks[-1]["x_event"]
+    assert (meta["conversation_id"], meta["role_code"], done["type"]) == (conversation_id, "naitang", "done")
+    own = history(live, token, conversation_id=conversation_id)
+    assert (own["role_code"], own["conversation_id"]) == ("naitang", conversation_id)
+    user, reply = own["messages"]
+    assert (user["id"], user["sender_role"], user["content"]) == (meta["message_id"], "user", text)
+    assert (reply["id"], reply["sender_role"], reply["content"]) == (
+        done["message_id"],
+        "assistant",
+        reply_text(chunks),
+    )
+    assert history(live, token) == default_before
+    roleless = answer(call(live, "chat_history", token=token, query={"conversation_id": conversation_id}), 200)
+    assert roleless == own
+    info = conversation(live, conversation_id, token)
+    assert (info["message_count"], info["title"], info["is_default"]) == (2, text[:30], False)
+    assert info["last_message_at"] is not None
+
+    wrong_role = {"conversation_id": conversation_id, "role_code": "wanqing", "message": "hi"}
+    answer(call(live, "chat_stream", token=token, body=wrong_role), 400, "InvalidInput")
+    answer(call(live, "chat_send", token=token, body=wrong_role), 400, "InvalidInput")
+    query = {"conversation_id": conversation_id, "role_code": "wanqing"}
+    answer(call(live, "chat_history", token=token, query=query), 400, "InvalidInput")
+
+    again = streamed(call(live, "chat_regenerate", token=token, body={"conversation_id": conversation_id}))
+    after = history(live, token, conversation_id=conversation_id)["messages"]
+    assert after[0] == user and len(after) == 2 and after[1]["id"] == again[-1]["x_event"]["message_id"] > reply["id"]
+    assert after[1]["content"] == reply_text(again)
+    edit = {"conversation_id": conversation_id, "role_code": "naitang", "message": "其实我今天挺开心的。"}
+    edited = streamed(call(live, "chat_edit", token=token, body=edit))
+    after = history(live, token, conversation_id=conversation_id)["messages"]
+    assert (after[0]["id"], after[0]["content"]) == (user["id"], edit["message"])
+    assert edited[0]["x_event"]["message_id"] == user["id"]
+    assert len(after) == 2 and after[1]["content"] == reply_text(edited)
+    assert history(live, token) == default_before
+
+    cleared = answer(call(live, "chat_clear", token=token, body={"conversation_id": conversation_id}), 200)
+    assert cleared["deleted_count"] == 2
+    assert history(live, token, conversation_id=conversation_id)["messages"] == []
+    assert conversation(live, conversation_id, token)["message_count"] == 0
+    assert history(live, token) == default_before
+    streamed(call(live, "chat_stream", token=token, body={"conversation_id": conversation_id, "message": "再来"}))
+    body = {"conversation_id": conversation_id}
+    deleted = answer(call(live, "chat_conversation_delete", token=token, body=body), 200)
+    assert deleted == {"success": True, "message": "会话已删除", "deleted_count": 2}
+    assert history(live, token) == default_before
+
+
+def test_the_default_conversation_is_the_contracts_history(live: LiveServices) -> None:
+    """A turn without conversation_id lands in the role's default conversation, which the list shows as such."""
+    _, token = live.new_account()
+    chunks = streamed(call(live, "chat_stream", token=token, body={"role_code": "naitang", "message": "在吗？"}))
+    conversation_id = chunks[0]["x_event"]["conversation_id"]
+    assert chunks[-1]["x_event"]["conversation_id"] == conversation_id
+    contract = history(live, token)
+    assert set(contract) == {"success", "role_code", "messages"}
+    assert [m["id"] for m in contract["messages"]] == [
+        chunks[0]["x_event"]["message_id"],
+        chunks[-1]["x_event"]["message_id"],
+    ]
+    assert contract["messages"][1]["content"] == reply_text(chunks)
+    assert history(live, token, conversation_id=conversation_id) == {**contract, "conversation_id": conversation_id}
+    defaults = [each for each in conversations(live, token, role_code="naitang")["conversations"] if each["is_default"]]
+    assert [each["conversation_id"] for each in defaults] == [conversation_id]
+    assert defaults[0]["message_count"] == 2 and defaults[0]["role_code"] == "naitang"
+    assert defaults[0] == conversation(live, conversation_id, token)
+    body = {"conversation_id": conversation_id, "message": "还在吗？"}
+    streamed(call(live, "chat_stream", token=token, body=body))  # naming the default conversation is the same
+    assert len(history(live, token)["messages"]) == 4
+
+
+def test_send_answers_the_stored_reply(live: LiveServices, fake_llm_server: Any) -> None:
+    """/chat/send answers the stored reply, the user message's id and the conversation's id, as documented."""
+    _, token = live.new_account()
+    sent = answer(call(live, "chat_send", token=token, body={"role_code": "naitang", "message": "在吗？"}), 200)
+    assert set(sent) == {"success", "message", "user_message_id", "conversation_id"} and sent["success"] is True
+    reply = sent["message"]
+    assert set(reply) == {*HISTORY_FIELDS, "usage"}, reply  # no reasoning_content: the model did not reason
+    assert (reply["sender_role"], reply["has_image"], reply["is_partial"]) == ("assistant", False, False)
+    assert reply["content"]
+    if reply["usage"] is not None:
+        usage = reply["usage"]
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    messages = history(live, token)["messages"]
+    assert [message["id"] for message in messages] == [sent["user_message_id"], reply["id"]]
+    assert messages[0]["content"] == "在吗？"
+    assert messages[1] == {field: reply[field] for field in HISTORY_FIELDS}
+    defaults = [each for each in conversations(live, token, role_code="naitang")["conversations"] if each["is_default"]]
+    assert [each["conversation_id"] for each in defaults] == [sent["conversation_id"]]
+
+    other = new_conversation(live, token)["conversation_id"]
+    fake_llm_server.enqueue(reasoning="她说累了，先安慰她。", text="抱抱你，先休息一下吧。")
+    body = {"conversation_id": other, "message": "好累", "thinking_enabled": True}
+    thought = answer(call(live, "chat_send", token=token, body=body), 200)
+    assert thought["conversation_id"] == other
+    assert (thought["message"]["content"], thought["message"]["reasoning_content"]) == (
+        "抱抱你，先休息一下吧。",
+        "她说累了，先安慰她。",
+    )
+    own = history(live, token, conversation_id=other)["messages"]
+    assert [m["id"] for m in own] == [thought["user_message_id"], thought["message"]["id"]]
+    assert own[1]["content"] == "抱抱你，先休息一下吧。"  # the reasoning is not part of the stored reply
+    assert len(history(live, token)["messages"]) == 2
+
+
+def test_send_reports_a_broken_upstream_as_502_and_keeps_the_partial_reply(
+    live: LiveServices, fake_llm_server: Any
+) -> None:
+    """An upstream that breaks mid-reply is a 502; the user message stays and the partial reply is flagged."""
+    _, token = live.new_account()
+    fake_llm_server.enqueue(text="第一句。第二句。第三句。第四句。", drop_after=2)
+    body = {"role_code": "naitang", "message": "讲个故事"}
+    failed = answer(call(live, "chat_send", token=token, body=body, checks=FAILURE_CHECKS), 502)
+    assert failed["code"] in ("NetworkError", "UpstreamHTTPError")
+    messages = history(live, token)["messages"]
+    assert messages[0]["content"] == "讲个故事"
+    assert messages[1:] == [] or (messages[1]["sender_role"], messages[1]["is_partial"]) == ("assistant", True)
+    assert len(messages) <= 2
+
+
+def test_a_broken_stream_ends_with_the_fallback_frame(live: LiveServices, fake_llm_server: Any) -> None:
+    """Mid-stream the fallback frame ends the stream: empty content, the error in `error` and `x_event`."""
+    _, token = live.new_account()
+    fake_llm_server.enqueue(text="第一句。第二句。第三句。第四句。", drop_after=2)
+    body = {"role_code": "naitang", "message": "讲个故事"}
+    response = call(live, "chat_stream", token=token, body=body, checks=FAILURE_CHECKS)
+    chunks = streamed(response)
+    event = chunks[-1]["x_event"]
+    assert event["type"] == "error" and event["code"] == "NetworkError" and event["message"]
+    assert chunks[-1]["error"] == {"code": event["code"], "message": event["message"]}
+    assert chunks[-1]["choices"][0]["delta"]["content"] == ""
+    messages = history(live, token)["messages"]
+    assert messages[0]["id"] == chunks[0]["x_event"]["message_id"]
+    partial = messages[1]
+    assert (partial["id"], partial["is_partial"]) == (event["message_id"], True)
+    assert partial["content"] == reply_text(chunks) and partial["content"]
+
+
+def test_another_users_conversation_is_not_found(live: LiveServices) -> None:
+    """Every operation answers 404 ConversationNotFound for another user's conversation, and leaves it alone."""
+    _, owner = live.new_account()
+    _, stranger = live.new_account()
+    conversation_id = new_conversation(live, owner, title="私人会话")["conversation_id"]
+    streamed(call(live, "chat_stream", token=owner, body={"conversation_id": conversation_id, "message": "秘密"}))
+    before = history(live, owner, conversation_id=conversation_id)
+    for unknown in (conversation_id, "0" * 24, "no-such-conversation"):
+        ref = {"conversation_id": unknown}
+        turn = {**ref, "role_code": "naitang", "message": "hi"}
+        for operation_id, request in (
+            ("chat_conversation", {"query": ref}),
+            ("chat_conversation_update", {"body": {**ref, "title": "抢过来"}}),
+            ("chat_conversation_delete", {"body": ref}),
+            ("chat_history", {"query": {**ref, "role_code": "naitang"}}),
+            ("chat_history", {"query": ref}),
+            ("chat_clear", {"body": ref}),
+            ("chat_stream", {"body": turn}),
+            ("chat_send", {"body": turn}),
+            ("chat_regenerate", {"body": ref}),
+            ("chat_edit", {"body": turn}),
+        ):
+            response = call(live, operation_id, token=stranger, **request)
+            answer(response, 404, "ConversationNotFound")
+    stranger_ids = [each["conversation_id"] for each in conversations(live, stranger)["conversations"]]
+    assert conversation_id not in stranger_ids
+    assert history(live, owner, conversation_id=conversation_id) == before
+    assert conversation(live, conversation_id, owner)["title"] == "私人会话"

@@ -14,7 +14,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from aichat.sms import (
+from aichat.accounts.sms import (
     ConsoleSmsProvider,
     DysmsProvider,
     SmsError,
@@ -283,7 +283,7 @@ def test_importing_sms_does_not_import_sdk():
             "-W",
             "error",
             "-c",
-            "import aichat.sms, sys; print(any(m.startswith('alibabacloud') for m in sys.modules))",
+            "import aichat.accounts.sms, sys; print(any(m.startswith('alibabacloud') for m in sys.modules))",
         ],
         capture_output=True,
         text=True,

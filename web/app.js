@@ -1,9 +1,12 @@
-// Reference web client of the aichat API (contract section 7): login, role picker, streaming chat.
+// Reference web client of the aichat API (contract section 7): login, role picker, streaming chat,
+// and each role's conversations (chat-api-v2: /chat/conversations, conversation_id, x_event frames).
 
 const $ = (selector) => document.querySelector(selector);
 const TOKEN_KEY = "aichat.token";
 const USER_KEY = "aichat.user";
 const RESEND_SECONDS = 60;
+const CONVERSATION_PAGE = 20; // /chat/conversations limit: 1..100
+const TITLE_MAX = 100; // a conversation title, after trimming
 
 const state = {
   loginBase: "",
@@ -12,6 +15,10 @@ const state = {
   user: readJson(localStorage.getItem(USER_KEY)),
   roles: [],
   role: null,
+  conversations: [], // the role's conversations as the server lists them (most recently active first)
+  nextCursor: null, // next_cursor of the list's last page, null when there is no more
+  conversationId: null, // the open conversation; null: the role's default, whose id is not known yet
+  notes: new Map(), // reply id ("" for a reply never stored) -> the stream error shown under that reply
   image: null, // {base64, type, url} of the photo waiting to be sent
   stream: null, // AbortController of the reply being streamed
 };
@@ -202,6 +209,8 @@ function logout() {
   state.token = null;
   state.user = null;
   state.role = null;
+  resetConversations();
+  closeDrawer();
   localStorage.removeItem(TOKEN_KEY);
   localStorage.removeItem(USER_KEY);
   clearMessages();
@@ -264,6 +273,8 @@ async function loadRoles() {
 
 async function openChat(role) {
   state.role = role;
+  resetConversations();
+  closeDrawer();
   clearMessages();
   $("#chat-bg").style.backgroundImage = role.background_url ? `url(${JSON.stringify(role.background_url)})` : "";
   setAvatar($("#chat-avatar"), role.avatar_url, role.nickname);
@@ -272,14 +283,16 @@ async function openChat(role) {
   $("#messages").setAttribute("aria-busy", "true");
   showView("chat");
   renderMessages([]);
-  await refreshHistory();
-  $("#message").focus();
+  renderConversations();
+  await openDefault();
+  if (state.role === role) $("#message").focus();
 }
 
-function bubble(sender, content, { hasImage = false, partial = false, opening = false, time = "" } = {}) {
+function bubble(sender, content, { id = null, hasImage = false, partial = false, opening = false, time = "" } = {}) {
   const el = document.createElement("div");
   el.className = `bubble ${sender}`;
   if (opening) el.classList.add("opening");
+  if (id != null) el.dataset.id = id;
   if (time) el.title = time.replace("T", " ");
   if (hasImage) el.append(tag("[图片]", "image-tag"));
   const text = document.createElement("span");
@@ -305,26 +318,253 @@ function addBubble(el) {
 }
 
 function renderMessages(messages) {
-  $("#messages").replaceChildren(bubble("assistant", state.role.opening_message, { opening: true }));
+  const box = $("#messages");
+  box.replaceChildren(bubble("assistant", state.role.opening_message, { opening: true }));
   for (const m of messages) {
     const sender = m.sender_role === "user" ? "user" : "assistant";
-    addBubble(bubble(sender, m.content, { hasImage: m.has_image, partial: m.is_partial, time: m.created_at }));
+    addBubble(bubble(sender, m.content, { id: m.id, hasImage: m.has_image, partial: m.is_partial, time: m.created_at }));
+  }
+  // A stream error stays under its reply when the history is shown again.
+  for (const [id, text] of state.notes) {
+    const target = (id && box.querySelector(`.bubble[data-id="${CSS.escape(id)}"]`)) || box.lastElementChild;
+    addNote(target, text);
   }
 }
 
+// A small notice right under a reply bubble.
+function addNote(target, text) {
+  const note = document.createElement("div");
+  note.className = "reply-note";
+  note.setAttribute("role", "status");
+  note.textContent = text;
+  target.after(note);
+  const box = $("#messages");
+  box.scrollTop = box.scrollHeight;
+}
+
+// The open conversation's messages: by conversation_id, or the role's default by role_code until its id is known.
 async function refreshHistory() {
   const role = state.role;
+  const id = state.conversationId;
+  const current = () => state.role === role && state.conversationId === id;
   const box = $("#messages");
   box.setAttribute("aria-busy", "true");
   try {
-    const path = `/chat/history?role_code=${encodeURIComponent(role.role_code)}`;
-    const data = await getJson(state.chatBase, path, { auth: true });
-    if (state.role === role) renderMessages(data.messages || []);
+    const query = id ? `conversation_id=${encodeURIComponent(id)}` : `role_code=${encodeURIComponent(role.role_code)}`;
+    const data = await getJson(state.chatBase, `/chat/history?${query}`, { auth: true });
+    if (current()) renderMessages(data.messages || []);
+  } catch (err) {
+    handleError(err);
+    // Deleted elsewhere (or never this user's): fall back to the role's default conversation.
+    if (id && current() && err.code === "ConversationNotFound") {
+      state.conversationId = null;
+      state.notes.clear();
+      await openDefault();
+    }
+  } finally {
+    if (current() || !state.role) box.setAttribute("aria-busy", "false");
+  }
+}
+
+// ---- the role's conversations (drawer; a sidebar on wide screens) ----
+
+function resetConversations() {
+  state.conversations = [];
+  state.nextCursor = null;
+  state.conversationId = null;
+  state.notes.clear();
+}
+
+function titleOf(conversation) {
+  if (!conversation) return "默认对话";
+  return conversation.title || (conversation.is_default ? "默认对话" : "新对话");
+}
+
+function currentConversation() {
+  return state.conversations.find((c) => c.conversation_id === state.conversationId) || null;
+}
+
+// "2026-03-22T15:20:25" -> "03-22 15:20"
+function shortTime(time) {
+  return time ? time.slice(5, 16).replace("T", " ") : "";
+}
+
+// The list's first pages again (as many as are shown, within the server's limit), in the server's order.
+async function loadConversations({ more = false } = {}) {
+  const role = state.role;
+  if (!role) return;
+  const shown = Math.max(CONVERSATION_PAGE, state.conversations.length);
+  const params = new URLSearchParams({ role_code: role.role_code, limit: String(more ? CONVERSATION_PAGE : Math.min(100, shown)) });
+  if (more) {
+    if (!state.nextCursor) return;
+    params.set("cursor", state.nextCursor);
+  }
+  const list = $("#conv-list");
+  list.setAttribute("aria-busy", "true");
+  try {
+    const data = await getJson(state.chatBase, `/chat/conversations?${params}`, { auth: true });
+    if (state.role !== role) return;
+    const page = data.conversations || [];
+    if (more) {
+      const known = new Set(state.conversations.map((c) => c.conversation_id));
+      state.conversations.push(...page.filter((c) => !known.has(c.conversation_id)));
+    } else {
+      state.conversations = page;
+    }
+    state.nextCursor = data.has_more ? data.next_cursor || null : null;
   } catch (err) {
     handleError(err);
   } finally {
-    if (state.role === role || !state.role) box.setAttribute("aria-busy", "false");
+    if (state.role === role) {
+      list.setAttribute("aria-busy", "false");
+      renderConversations();
+    }
   }
+}
+
+// Opens the role's default conversation (is_default), or the role's history by role_code if it is not listed.
+async function openDefault() {
+  const role = state.role;
+  await loadConversations();
+  if (state.role !== role) return;
+  state.conversationId = state.conversations.find((c) => c.is_default)?.conversation_id ?? null;
+  renderConversations();
+  await refreshHistory();
+}
+
+function renderConversations() {
+  const list = $("#conv-list");
+  list.replaceChildren();
+  const shown = [...state.conversations];
+  // The default conversation only exists once something was said in it; until then, a placeholder (id null).
+  if (!state.nextCursor && !shown.some((c) => c.is_default)) {
+    shown.push({ conversation_id: null, is_default: true, title: "", message_count: 0, last_message_at: null, created_at: null });
+  }
+  for (const c of shown) {
+    const item = document.createElement("li");
+    item.className = "conv-item";
+    if (c.conversation_id) item.dataset.id = c.conversation_id;
+    if (c.is_default) item.dataset.default = "true";
+    const open = document.createElement("button");
+    open.type = "button";
+    open.className = "conv-open";
+    if (c.conversation_id === state.conversationId) {
+      item.classList.add("current");
+      open.setAttribute("aria-current", "true");
+    }
+    const title = document.createElement("span");
+    title.className = "conv-title";
+    title.textContent = titleOf(c);
+    const meta = document.createElement("span");
+    meta.className = "conv-meta muted small";
+    meta.textContent = [c.is_default ? "默认" : "", `${c.message_count ?? 0} 条`, shortTime(c.last_message_at || c.created_at)]
+      .filter(Boolean)
+      .join(" · ");
+    open.append(title, meta);
+    open.addEventListener("click", () => switchConversation(c.conversation_id));
+    item.append(open);
+    if (c.conversation_id) {
+      const rename = document.createElement("button");
+      rename.type = "button";
+      rename.className = "link small conv-rename";
+      rename.textContent = "重命名";
+      rename.addEventListener("click", () => renameConversation(c));
+      item.append(rename);
+    }
+    // The default conversation is the role's own history: 清空聊天 empties it, it is not deleted.
+    if (c.conversation_id && !c.is_default) {
+      const remove = document.createElement("button");
+      remove.type = "button";
+      remove.className = "link small danger conv-delete";
+      remove.textContent = "删除";
+      remove.addEventListener("click", () => deleteConversation(c));
+      item.append(remove);
+    }
+    list.append(item);
+  }
+  $("#conv-more").hidden = !state.nextCursor;
+  const conversation = currentConversation();
+  if (conversation || !state.conversationId) $("#chat-title").textContent = titleOf(conversation);
+}
+
+function openDrawer() {
+  $("#chat-view").classList.add("drawer-open");
+  $("#conv-btn").setAttribute("aria-expanded", "true");
+}
+
+function closeDrawer() {
+  $("#chat-view").classList.remove("drawer-open");
+  $("#conv-btn").setAttribute("aria-expanded", "false");
+}
+
+async function switchConversation(id) {
+  closeDrawer();
+  if (!state.role || id === state.conversationId) return;
+  abortStream();
+  clearMessages();
+  state.conversationId = id;
+  state.notes.clear();
+  renderConversations();
+  renderMessages([]);
+  await refreshHistory();
+  $("#message").focus();
+}
+
+async function newConversation() {
+  const role = state.role;
+  if (!role) return;
+  clearMessages();
+  const button = $("#new-conv-btn");
+  button.disabled = true;
+  try {
+    const body = { role_code: role.role_code };
+    const { conversation } = await getJson(state.chatBase, "/chat/conversations", { method: "POST", body, auth: true });
+    if (state.role !== role) return;
+    state.conversations = [conversation, ...state.conversations.filter((c) => c.conversation_id !== conversation.conversation_id)];
+    await switchConversation(conversation.conversation_id);
+    await loadConversations();
+  } catch (err) {
+    handleError(err);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+async function renameConversation(conversation) {
+  const input = prompt("给这个对话起个名字", conversation.title || "");
+  if (input === null) return;
+  const title = input.trim();
+  clearMessages();
+  if (Array.from(title).length > TITLE_MAX) return showError(`标题最多 ${TITLE_MAX} 个字`);
+  try {
+    const body = { conversation_id: conversation.conversation_id, title };
+    const data = await getJson(state.chatBase, "/chat/conversation/update", { method: "POST", body, auth: true });
+    const updated = data.conversation;
+    state.conversations = state.conversations.map((c) => (c.conversation_id === updated.conversation_id ? updated : c));
+    renderConversations();
+  } catch (err) {
+    handleError(err);
+    if (err.code === "ConversationNotFound") await loadConversations();
+  }
+}
+
+async function deleteConversation(conversation) {
+  if (!confirm(`确定删除对话「${titleOf(conversation)}」吗？其中的聊天记录会一并删除。`)) return;
+  clearMessages();
+  const id = conversation.conversation_id;
+  try {
+    const data = await getJson(state.chatBase, "/chat/conversation/delete", { method: "POST", body: { conversation_id: id }, auth: true });
+    showNotice(data.message || "会话已删除");
+  } catch (err) {
+    handleError(err);
+    if (err.code !== "ConversationNotFound") return;
+  }
+  state.conversations = state.conversations.filter((c) => c.conversation_id !== id);
+  if (id !== state.conversationId) return loadConversations();
+  abortStream();
+  state.conversationId = null;
+  state.notes.clear();
+  await openDefault();
 }
 
 function abortStream() {
@@ -345,20 +585,21 @@ async function send(event) {
   if (state.stream || !state.role || (!text && !image)) return;
   clearMessages();
   const body = { role_code: state.role.role_code };
+  if (state.conversationId) body.conversation_id = state.conversationId;
   if (text) body.message = text;
   if (image) Object.assign(body, { image_base64: image.base64, image_mime_type: image.type });
 
   const controller = new AbortController();
   state.stream = controller;
   setStreaming(true);
-  addBubble(bubble("user", text, { hasImage: Boolean(image) }));
-  const reply = addBubble(bubble("assistant", ""));
+  const turn = { user: addBubble(bubble("user", text, { hasImage: Boolean(image) })), reply: addBubble(bubble("assistant", "")) };
+  const { reply } = turn;
   reply.classList.add("streaming");
   try {
     const res = await request(state.chatBase, "/chat/stream", { method: "POST", body, auth: true, signal: controller.signal });
     $("#message").value = "";
     removePhoto();
-    await readStream(res, reply);
+    await readStream(res, turn);
   } catch (err) {
     reply.remove();
     handleError(err);
@@ -366,12 +607,13 @@ async function send(event) {
     if (state.stream === controller) state.stream = null;
     if (!state.stream) setStreaming(false);
   }
-  // The server stored what was said; show its record (flow step 6).
-  if (state.token && !controller.signal.aborted) await refreshHistory();
+  // The server stored what was said; show its record (flow step 6) and the list (a first message sets the title).
+  if (state.token && !controller.signal.aborted) await Promise.all([refreshHistory(), loadConversations()]);
 }
 
 // Reads `data: <json>\n\n` events, appending choices[0].delta.content until `data: [DONE]`.
-async function readStream(res, reply) {
+async function readStream(res, turn) {
+  const { reply } = turn;
   const reader = res.body.getReader();
   const decoder = new TextDecoder();
   const textEl = reply.querySelector(".text");
@@ -388,7 +630,7 @@ async function readStream(res, reply) {
         buffer = buffer.slice(end + 2);
         const data = event.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trimStart()).join("\n");
         if (data === "[DONE]") done = true;
-        else if (data) applyFrame(readJson(data), reply, textEl);
+        else if (data) applyFrame(readJson(data), turn, textEl);
       }
     }
   } catch (err) {
@@ -403,7 +645,8 @@ async function readStream(res, reply) {
   }
 }
 
-function applyFrame(frame, reply, textEl) {
+// The text is choices[0].delta.content of every frame; x_event says what the server did (stream.meta, done, error).
+function applyFrame(frame, turn, textEl) {
   if (!frame) return;
   const content = frame.choices?.[0]?.delta?.content;
   if (typeof content === "string" && content) {
@@ -411,23 +654,43 @@ function applyFrame(frame, reply, textEl) {
     const box = $("#messages");
     box.scrollTop = box.scrollHeight;
   }
-  if (frame.error) {
-    reply.classList.add("failed");
-    showError(frame.error.message || "回复中断了，请稍后再试");
+  const event = frame.x_event && typeof frame.x_event === "object" ? frame.x_event : {};
+  if (event.type === "stream.meta") {
+    if (event.message_id != null) turn.user.dataset.id = event.message_id;
+    // The role's default conversation, sent to by role_code before its id was known.
+    if (!state.conversationId && typeof event.conversation_id === "string" && event.conversation_id) {
+      state.conversationId = event.conversation_id;
+    }
+  } else if (event.type === "done") {
+    if (event.message_id != null) turn.reply.dataset.id = event.message_id;
+  }
+  const failure = event.type === "error" ? event : frame.error;
+  if (failure) {
+    // The fallback frame's text is "": the error's message goes under the bubble, and stays there.
+    const text = failure.message || "回复中断了，请稍后再试";
+    const id = event.type === "error" && event.message_id != null ? String(event.message_id) : "";
+    if (id) turn.reply.dataset.id = id;
+    turn.reply.classList.add("failed");
+    state.notes.set(id, text);
+    addNote(turn.reply, text);
   }
 }
 
 async function clearChat() {
   const role = state.role;
-  if (!role || !confirm(`确定清空与「${role.nickname}」的全部聊天记录吗？`)) return;
+  const id = state.conversationId;
+  if (!role || !confirm(`确定清空与「${role.nickname}」在「${titleOf(currentConversation())}」中的全部聊天记录吗？`)) return;
   clearMessages();
   try {
-    const data = await getJson(state.chatBase, "/chat/clear", { method: "POST", body: { role_code: role.role_code }, auth: true });
+    const body = { role_code: role.role_code };
+    if (id) body.conversation_id = id;
+    const data = await getJson(state.chatBase, "/chat/clear", { method: "POST", body, auth: true });
     showNotice(data.message || "当前聊天已清空");
+    if (state.conversationId === id) state.notes.clear();
   } catch (err) {
     handleError(err);
   }
-  if (state.token && state.role === role) await refreshHistory();
+  if (state.token && state.role === role) await Promise.all([refreshHistory(), loadConversations()]);
 }
 
 // ---- photo attachment ----
@@ -474,6 +737,12 @@ async function start() {
   $("#logout-btn").addEventListener("click", logout);
   $("#switch-role-btn").addEventListener("click", () => go("#/roles"));
   $("#clear-btn").addEventListener("click", clearChat);
+  $("#conv-btn").addEventListener("click", () => ($("#chat-view").classList.contains("drawer-open") ? closeDrawer() : openDrawer()));
+  $("#conv-close").addEventListener("click", closeDrawer);
+  $("#conv-backdrop").addEventListener("click", closeDrawer);
+  $("#new-conv-btn").addEventListener("click", newConversation);
+  $("#conv-more").addEventListener("click", () => loadConversations({ more: true }));
+  document.addEventListener("keydown", (event) => event.key === "Escape" && closeDrawer());
   $("#composer").addEventListener("submit", send);
   $("#message").addEventListener("keydown", onKeydown);
   $("#photo-input").addEventListener("change", pickPhoto);

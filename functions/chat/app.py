@@ -1,91 +1,123 @@
 """ChatService web function: the route table of the contract's ChatService and its thin handlers."""
 
-from functools import partial
+from __future__ import annotations
 
-from aichat import auth, llm
-from aichat.accounts import token_is_live
-from aichat.chat import Chat
-from aichat.config import load_settings
+from functools import partial
+from typing import Any
+
+from aichat import llm, tokens
+from aichat.chat.conversation_api import ConversationApi
+from aichat.chat.history import History
+from aichat.chat.roles import RoleCatalog
+from aichat.chat.service import ChatService
+from aichat.config import Settings, load_settings
 from aichat.llm import LlmClient
-from aichat.roles import RoleCatalog
 from aichat.store import open_database
 from aichat.web import ApiRequest, Route, create_app, json_response, sse_response
+from flask import Flask
 
-settings = load_settings(service="chat")
-db = open_database(settings)
-roles = RoleCatalog(db, roles_file=settings.roles_file)
-chat = Chat(
-    settings,
-    db,
-    roles,
-    LlmClient(
+
+def build_app(settings: Settings | None = None, *, llm_client: LlmClient | None = None, db: Any = None) -> Flask:
+    """ChatService's app: from the environment on FC, from the given settings and clients in tests."""
+    settings = settings or load_settings(service="chat")
+    db = db or open_database(settings)
+    roles = RoleCatalog(db, roles_file=settings.roles_file)
+    client = llm_client or LlmClient(
         base_url=settings.llm_base_url,
         api_key=settings.llm_api_key,
         connect_timeout_s=settings.llm_connect_timeout_s,
         read_timeout_s=settings.llm_read_timeout_s,
-    ),
-)
+    )
+    chat = ChatService(settings, db, roles, client)
+    history = History(settings, db, roles)
+    threads = ConversationApi(settings, db, roles)
+
+    def chat_roles(req: ApiRequest):
+        """The enabled roles' public fields (no auth)."""
+        return json_response(roles.public_body())
+
+    def chat_stream(req: ApiRequest):
+        """Stream the role's reply to the user's message as SSE."""
+        return sse_response(chat.stream(req.user_uid(), req.json(), client=req.client_socket))
+
+    def chat_send(req: ApiRequest) -> dict:
+        """The role's whole reply to the user's message as JSON (extension)."""
+        return chat.send(req.user_uid(), req.json())
+
+    def chat_history(req: ApiRequest) -> dict:
+        """The user's messages in a conversation, oldest first (optionally a page: limit, before_id)."""
+        return history.history(req.user_uid(), req.args)
+
+    def chat_clear(req: ApiRequest) -> dict:
+        """Delete the user's messages in a conversation (the role's default one without conversation_id)."""
+        return history.clear(req.user_uid(), req.json())
+
+    def chat_delete_message(req: ApiRequest) -> dict:
+        """Delete one of the user's messages (extension)."""
+        return history.delete_message(req.user_uid(), req.json())
+
+    def chat_regenerate(req: ApiRequest):
+        """Stream a new reply to the last user message, replacing the old one (extension)."""
+        return sse_response(chat.regenerate(req.user_uid(), req.json(), client=req.client_socket))
+
+    def chat_edit(req: ApiRequest):
+        """Edit the last user message and stream a new reply (extension)."""
+        return sse_response(chat.edit(req.user_uid(), req.json(), client=req.client_socket))
+
+    def chat_conversation_create(req: ApiRequest) -> dict:
+        """Start a new conversation with a role (extension)."""
+        return threads.create(req.user_uid(), req.json())
+
+    def chat_conversations(req: ApiRequest) -> dict:
+        """The user's conversations, most recently active first (extension)."""
+        return threads.list(req.user_uid(), req.args)
+
+    def chat_conversation(req: ApiRequest) -> dict:
+        """One conversation (extension)."""
+        return threads.show(req.user_uid(), req.args)
+
+    def chat_conversation_update(req: ApiRequest) -> dict:
+        """Rename a conversation or change its settings (extension)."""
+        return threads.update(req.user_uid(), req.json())
+
+    def chat_conversation_delete(req: ApiRequest) -> dict:
+        """Delete a conversation and its messages (extension)."""
+        return threads.delete(req.user_uid(), req.json())
+
+    def initialize() -> None:
+        """FC's initializer: open a database connection and load what the first streams need."""
+        db.warm()
+        tokens.preload()
+        llm.preload()
+
+    routes = [
+        Route("chat_roles", "GET", "/chat/roles", "none", chat_roles),
+        Route("chat_stream", "POST", "/chat/stream", "bearer_jwt", chat_stream, response_type="sse"),
+        Route("chat_history", "GET", "/chat/history", "bearer_jwt", chat_history),
+        Route("chat_clear", "POST", "/chat/clear", "bearer_jwt", chat_clear),
+        # Extensions beyond the contract (README, docs/openapi.yaml).
+        Route("chat_send", "POST", "/chat/send", "bearer_jwt", chat_send),
+        Route("chat_delete_message", "POST", "/chat/message/delete", "bearer_jwt", chat_delete_message),
+        Route("chat_regenerate", "POST", "/chat/regenerate", "bearer_jwt", chat_regenerate, response_type="sse"),
+        Route("chat_edit", "POST", "/chat/edit", "bearer_jwt", chat_edit, response_type="sse"),
+        Route("chat_conversation_create", "POST", "/chat/conversations", "bearer_jwt", chat_conversation_create),
+        Route("chat_conversations", "GET", "/chat/conversations", "bearer_jwt", chat_conversations),
+        Route("chat_conversation", "GET", "/chat/conversation", "bearer_jwt", chat_conversation),
+        Route("chat_conversation_update", "POST", "/chat/conversation/update", "bearer_jwt", chat_conversation_update),
+        Route("chat_conversation_delete", "POST", "/chat/conversation/delete", "bearer_jwt", chat_conversation_delete),
+    ]
+    flask_app = create_app(
+        service="chat",
+        routes=routes,
+        settings=settings,
+        body_limit=settings.chat_body_limit,
+        token_is_live=partial(tokens.token_is_live, db),
+        on_initialize=initialize,
+        on_pre_stop=db.close_idle,
+    )
+    flask_app.config["AICHAT_ROUTES"] = routes
+    return flask_app
 
 
-def chat_roles(req: ApiRequest):
-    """The enabled roles' public fields (no auth)."""
-    return json_response(roles.public_body())
-
-
-def chat_stream(req: ApiRequest):
-    """Stream the role's reply to the user's message as SSE."""
-    return sse_response(chat.stream(req.user_uid(), req.json(), client=req.client_socket))
-
-
-def chat_history(req: ApiRequest) -> dict:
-    """The user's messages with one role, oldest first (optionally a page: limit, before_id)."""
-    return chat.history(req.user_uid(), req.args)
-
-
-def chat_clear(req: ApiRequest) -> dict:
-    """Delete the user's messages with one role."""
-    return chat.clear(req.user_uid(), req.json())
-
-
-def chat_delete_message(req: ApiRequest) -> dict:
-    """Delete one of the user's messages (extension)."""
-    return chat.delete_message(req.user_uid(), req.json())
-
-
-def chat_regenerate(req: ApiRequest):
-    """Stream a new reply to the last user message, replacing the old one (extension)."""
-    return sse_response(chat.regenerate(req.user_uid(), req.json(), client=req.client_socket))
-
-
-def chat_edit(req: ApiRequest):
-    """Edit the last user message and stream a new reply (extension)."""
-    return sse_response(chat.edit(req.user_uid(), req.json(), client=req.client_socket))
-
-
-def initialize() -> None:
-    """FC's initializer: open a database connection and load what the first streams need."""
-    db.warm()
-    auth.preload()
-    llm.preload()
-
-
-ROUTES = [
-    Route("chat_roles", "GET", "/chat/roles", "none", chat_roles),
-    Route("chat_stream", "POST", "/chat/stream", "bearer_jwt", chat_stream, response_type="sse"),
-    Route("chat_history", "GET", "/chat/history", "bearer_jwt", chat_history),
-    Route("chat_clear", "POST", "/chat/clear", "bearer_jwt", chat_clear),
-    # Extensions beyond the contract (README, docs/openapi.yaml).
-    Route("chat_delete_message", "POST", "/chat/message/delete", "bearer_jwt", chat_delete_message),
-    Route("chat_regenerate", "POST", "/chat/regenerate", "bearer_jwt", chat_regenerate, response_type="sse"),
-    Route("chat_edit", "POST", "/chat/edit", "bearer_jwt", chat_edit, response_type="sse"),
-]
-
-app = create_app(
-    service="chat",
-    routes=ROUTES,
-    settings=settings,
-    body_limit=settings.chat_body_limit,
-    token_is_live=partial(token_is_live, db),
-    on_initialize=initialize,
-    on_pre_stop=db.close_idle,
-)
+app = build_app()
+ROUTES = app.config["AICHAT_ROUTES"]

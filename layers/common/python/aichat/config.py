@@ -18,6 +18,7 @@ DEFAULT_LLM_BASE_URL = "https://dashscope.aliyuncs.com/compatible-mode/v1"
 
 ENVIRONMENTS = ("local", "test", "production")
 SMS_PROVIDERS = ("dysms", "console")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 MIN_PRODUCTION_SECRET_BYTES = 32
 
 
@@ -81,6 +82,10 @@ class Settings:
     llm_api_key: str = field(default="", repr=False)
     llm_model: str = "qwen-plus"
     llm_vision_model: str = "qwen-vl-plus"
+    # The models a conversation may choose (AICHAT_LLM_MODELS); empty means just llm_model.
+    llm_models: tuple[str, ...] = ()
+    # Send DashScope's `enable_thinking` on every request (off for upstreams that refuse unknown fields).
+    llm_thinking_flag: bool = True
     llm_connect_timeout_s: float = 5.0
     llm_read_timeout_s: float = 60.0
     message_max_chars: int = 4000
@@ -93,10 +98,13 @@ class Settings:
     roles_file: str = ""
     chat_messages_per_minute: int = 20
     chat_max_concurrent_streams: int = 2
-    # A stream's slot is released when it ends; the lease only frees slots of an instance that died mid-stream.
-    stream_lease_s: int = 900
+    # A stream's slot is released when it ends; its lease, renewed while the stream runs, frees the slot of
+    # an instance that died mid-stream within this many seconds.
+    stream_lease_s: int = 30
 
     def __post_init__(self) -> None:
+        if not self.llm_models:
+            object.__setattr__(self, "llm_models", (self.llm_model,))
         self.validate()
 
     @property
@@ -129,6 +137,13 @@ class Settings:
             raise ConfigError(f"AICHAT_ROLES_FILE does not exist: {self.roles_file}")
         if self.db_url and not self.db_url.startswith(("sqlite:///", "mysql://")):
             raise ConfigError("AICHAT_DB_URL must start with sqlite:/// or mysql://")
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"AICHAT_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}")
+        for origin in self.cors_origins:
+            if origin != "*" and (origin.endswith("/") or "://" not in origin):
+                raise ConfigError(f"AICHAT_CORS_ORIGINS: {origin!r} is not an origin (scheme://host[:port], no slash)")
+        if self.llm_model not in self.llm_models:
+            raise ConfigError("AICHAT_LLM_MODELS must include AICHAT_LLM_MODEL")
         try:
             ZoneInfo(self.timezone)
         except (ZoneInfoNotFoundError, ValueError) as exc:
@@ -148,9 +163,19 @@ class Settings:
             "chat_messages_per_minute",
             "chat_max_concurrent_streams",
             "stream_lease_s",
+            "db_connect_timeout_s",
+            "db_read_timeout_s",
+            "llm_connect_timeout_s",
+            "llm_read_timeout_s",
+            "sms_connect_timeout_ms",
+            "sms_read_timeout_ms",
+            "code_max_per_phone_per_day",
+            "code_max_per_ip_per_day",
         ):
             if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive")
+                raise ConfigError(f"{env_name(name)} must be positive")
+        if self.code_resend_cooldown_s < 0:
+            raise ConfigError("AICHAT_CODE_RESEND_COOLDOWN must not be negative")
         if self.is_production and len(self.jwt_secret.encode()) < MIN_PRODUCTION_SECRET_BYTES:
             raise ConfigError(f"AICHAT_JWT_SECRET must be at least {MIN_PRODUCTION_SECRET_BYTES} bytes in production")
         if self.is_production and self.service == "login":
@@ -158,6 +183,11 @@ class Settings:
                 raise ConfigError("the console SMS provider is for local runs only; use dysms in production")
             if not (self.sms_sign_name and self.sms_template_code):
                 raise ConfigError("AICHAT_SMS_SIGN_NAME and AICHAT_SMS_TEMPLATE_CODE are required in production")
+
+
+def env_name(field_name: str) -> str:
+    """The environment variable that sets a Settings field (for error messages)."""
+    return next((var for var, (name, _) in ENV_VARS.items() if name == field_name), field_name)
 
 
 def _flag(value: str) -> bool:
@@ -217,6 +247,8 @@ ENV_VARS: dict[str, tuple[str, object]] = {
     "AICHAT_LLM_API_KEY": ("llm_api_key", str),
     "AICHAT_LLM_MODEL": ("llm_model", str),
     "AICHAT_LLM_VISION_MODEL": ("llm_vision_model", str),
+    "AICHAT_LLM_MODELS": ("llm_models", lambda v: tuple(m.strip() for m in v.split(",") if m.strip())),
+    "AICHAT_LLM_THINKING_FLAG": ("llm_thinking_flag", _flag),
     "AICHAT_LLM_CONNECT_TIMEOUT": ("llm_connect_timeout_s", float),
     "AICHAT_LLM_READ_TIMEOUT": ("llm_read_timeout_s", float),
     "AICHAT_MESSAGE_MAX_CHARS": ("message_max_chars", int),

@@ -25,6 +25,7 @@ CATALOG: dict[str, tuple[int, str]] = {
     "MethodNotAllowed": (405, "请求方法不被允许"),
     "PayloadTooLarge": (413, "请求体过大"),
     "MessageNotFound": (404, "消息不存在"),
+    "ConversationNotFound": (404, "会话不存在"),
 }
 
 

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from .errors import ApiError
+from .sse import EventParser, EventTooLong, dumps
 
 if TYPE_CHECKING:
     import requests
@@ -39,38 +40,31 @@ class UpstreamStream:
         self.done = False  # the upstream sent data: [DONE]
 
     def frames(self) -> Iterator[bytes]:
-        """Yield each `data:` payload (without the prefix) the moment its line is complete.
+        """Yield each event's data (the payload after `data:`) the moment the event is complete.
 
-        Raises StreamBroken on a dropped connection, a read timeout or an overlong frame. Stops at
+        Raises StreamBroken on a dropped connection, a read timeout or an overlong event. Stops at
         `[DONE]` (setting `done`) or at the end of the body.
         """
         raw = self._response.raw
-        buffer = b""
+        parser = EventParser(max_event_bytes=MAX_FRAME_BYTES)
         while True:
             try:
-                # read1 returns whatever has arrived (at most one chunk) instead of waiting for a full block.
-                chunk = raw.read1(READ_SIZE)
+                # read1 returns whatever has arrived (at most one chunk) instead of waiting for a full block;
+                # decode_content undoes a Content-Encoding an upstream applied despite `identity`.
+                chunk = raw.read1(READ_SIZE, decode_content=True)
             except Exception as exc:  # requests / urllib3 / http.client errors on a dropped or timed-out socket
                 raise _broken(exc) from exc
             if not chunk:
                 return
-            buffer += chunk
-            while True:
-                newline = buffer.find(b"\n")
-                if newline < 0:
-                    break
-                line, buffer = buffer[:newline].rstrip(b"\r"), buffer[newline + 1 :]
-                if not line.startswith(b"data:"):
-                    continue  # blank separators, comments (": ping"), event:/id: fields
-                payload = line[5:]
-                if payload.startswith(b" "):
-                    payload = payload[1:]
+            try:
+                events = parser.feed(chunk)
+            except EventTooLong as exc:
+                raise StreamBroken("UpstreamHTTPError", "upstream frame too long") from exc
+            for payload in events:
                 if payload.strip() == b"[DONE]":
                     self.done = True
                     return
                 yield payload
-            if len(buffer) > MAX_FRAME_BYTES:
-                raise StreamBroken("UpstreamHTTPError", "upstream frame too long")
 
     def close(self) -> None:
         """Release the upstream connection (closing it if the body was not read to the end)."""
@@ -124,9 +118,11 @@ class LlmClient:
         try:
             response = session.post(
                 f"{self.base_url}/chat/completions",
-                json={**payload, "stream": True},
+                # Serialised once, with CJK as UTF-8 (requests' json= would \u-escape it: up to 3x the bytes).
+                data=dumps({**payload, "stream": True}),
                 headers={
                     "Authorization": f"Bearer {self.api_key}",
+                    "Content-Type": "application/json",
                     "Accept": "text/event-stream",
                     # A compressed SSE body would sit in the decoder instead of flowing through.
                     "Accept-Encoding": "identity",

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .chat.roles import read_roles_file, sync_roles
 from .config import ConfigError, load_settings
 from .logs import configure_logging
-from .roles import read_roles_file, sync_roles
 from .store import Database, ddl
 
 

@@ -16,17 +16,19 @@ from typing import Any
 from flask import Flask, Response, current_app, g, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound, RequestEntityTooLarge
 
-from .auth import bearer_token, verify_token
 from .config import Settings
 from .errors import ApiError
+from .fc import Credentials
 from .logs import configure_logging, request_id_var, write_line
-from .sms import Credentials
+from .tokens import bearer_token, verify_token
 
 log = logging.getLogger("aichat.web")
 access_log = logging.getLogger("aichat.access")
 
 JSON_CONTENT_TYPE = "application/json; charset=utf-8"
 PREFLIGHT_MAX_AGE_S = 86_400
+# Unauthenticated operations whose answers carry a token (beyond every bearer_jwt operation).
+NO_STORE_OPERATIONS = frozenset({"login", "send_code"})
 SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
@@ -51,8 +53,25 @@ def json_response(body: dict[str, Any] | bytes, status: int = 200, headers: dict
 def sse_response(frames: Iterable[bytes]) -> Response:
     """A text/event-stream response that sends each frame as its own chunk, with nothing buffering it.
 
-    `frames` may have a close() method: the WSGI server calls it however the response ends.
+    `frames` may have a close() method: the WSGI server calls it however the response ends. If it takes
+    listeners (a StreamRelay), the stream's access-log line is written when it closes, with its outcome.
     """
+    add_listener = getattr(frames, "add_listener", None)
+    if add_listener is not None:
+        line = {
+            "method": request.method,
+            "path": request.path,
+            "operation_id": request.endpoint,
+            "uid": g.get("uid"),
+            "status": 200,
+        }
+        started, request_id = g.get("started"), g.get("request_id", "-")
+
+        def log_stream(result: Any) -> None:
+            request_id_var.set(request_id)
+            log_access(**line, started=started, outcome=result.outcome, frames=result.frames)
+
+        add_listener(log_stream)
     return Response(
         frames,
         status=200,
@@ -188,7 +207,9 @@ def create_app(
         request_id_var.set(g.request_id)
         known_path = request.url_rule is not None or isinstance(request.routing_exception, MethodNotAllowed)
         if request.method == "OPTIONS" and known_path:
-            return Response(status=204)  # CORS preflight; headers are added below
+            preflight = Response(status=204)  # CORS preflight; headers are added below
+            del preflight.headers["Content-Type"]  # an empty answer has no type (not Flask's text/html)
+            return preflight
         if request.content_length is not None and request.content_length > body_limit:
             raise RequestEntityTooLarge()
         return None
@@ -197,7 +218,12 @@ def create_app(
     def _finish(response: Response) -> Response:
         _add_cors_headers(response, settings)
         response.headers["X-Request-Id"] = g.get("request_id", "-")
+        response.headers["X-Content-Type-Options"] = "nosniff"
         route = by_operation.get(request.endpoint or "")
+        private = route is not None and (route.auth == "bearer_jwt" or route.operation_id in NO_STORE_OPERATIONS)
+        if private and route.response_type == "json":  # type: ignore[union-attr]
+            # Tokens and a user's own data must never sit in a shared or browser cache.
+            response.headers["Cache-Control"] = "no-store"
         if route is None or route.response_type == "json" or response.status_code != 200:
             _log_access(response.status_code, route)
         return response
@@ -253,11 +279,16 @@ def _add_cors_headers(response: Response, settings: Settings) -> None:
     origin = request.headers.get("Origin")
     if "*" in settings.cors_origins:
         response.headers["Access-Control-Allow-Origin"] = "*"
-    elif origin and origin in settings.cors_origins:
+        return _add_cors_details(response)
+    # With an allow-list the answer depends on the Origin, matched or not: a shared cache must know.
+    response.headers.add("Vary", "Origin")
+    if origin and origin in settings.cors_origins:
         response.headers["Access-Control-Allow-Origin"] = origin
-        response.headers.add("Vary", "Origin")
-    else:
-        return
+        _add_cors_details(response)
+    return None
+
+
+def _add_cors_details(response: Response) -> None:
     response.headers["Access-Control-Expose-Headers"] = "Retry-After, X-Request-Id"
     if request.method == "OPTIONS":
         response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"

@@ -1,4 +1,4 @@
-"""The database: SQLite or MySQL behind one small interface, with idempotent schema migrations."""
+"""The database: SQLite or MySQL behind one small interface (pool, transactions, the dialect's differences)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
-from .errors import ApiError
+from ..errors import ApiError
 
 log = logging.getLogger("aichat.store")
 
@@ -24,181 +24,6 @@ T = TypeVar("T")
 def now_ms() -> int:
     """Wall-clock time in epoch milliseconds, the unit every timestamp column uses."""
     return int(time.time() * 1000)
-
-
-# Each migration is (version, name, sqlite statements, mysql statements). Append only: a deployed
-# database has applied the earlier ones. Timestamps are epoch milliseconds (BIGINT) in both dialects.
-_MYSQL_TABLE = " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci"
-MIGRATIONS: list[tuple[int, str, list[str], list[str]]] = [
-    (
-        1,
-        "users and verification codes",
-        [
-            """CREATE TABLE IF NOT EXISTS users (
-                uid TEXT PRIMARY KEY,
-                country_code TEXT NOT NULL,
-                phone_number TEXT NOT NULL,
-                created_at INTEGER NOT NULL,
-                UNIQUE (country_code, phone_number))""",
-            """CREATE TABLE IF NOT EXISTS verification_codes (
-                id INTEGER PRIMARY KEY AUTOINCREMENT,
-                country_code TEXT NOT NULL,
-                phone_number TEXT NOT NULL,
-                code_hash TEXT NOT NULL,
-                status TEXT NOT NULL,
-                attempts INTEGER NOT NULL DEFAULT 0,
-                client_ip TEXT NOT NULL,
-                source_ip TEXT,
-                provider_request_id TEXT,
-                created_at INTEGER NOT NULL,
-                expires_at INTEGER NOT NULL)""",
-            "CREATE INDEX IF NOT EXISTS ix_codes_phone ON verification_codes (phone_number, country_code, id)",
-            "CREATE INDEX IF NOT EXISTS ix_codes_ip ON verification_codes (client_ip, created_at)",
-            """CREATE TABLE IF NOT EXISTS send_cooldowns (
-                phone_key TEXT PRIMARY KEY,
-                until_ms INTEGER NOT NULL)""",
-        ],
-        [
-            """CREATE TABLE IF NOT EXISTS users (
-                uid CHAR(24) NOT NULL PRIMARY KEY,
-                country_code VARCHAR(4) NOT NULL,
-                phone_number VARCHAR(15) NOT NULL,
-                created_at BIGINT NOT NULL,
-                UNIQUE KEY uq_users_phone (country_code, phone_number))"""
-            + _MYSQL_TABLE,
-            """CREATE TABLE IF NOT EXISTS verification_codes (
-                id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
-                country_code VARCHAR(4) NOT NULL,
-                phone_number VARCHAR(15) NOT NULL,
-                code_hash CHAR(64) NOT NULL,
-                status VARCHAR(16) NOT NULL,
-                attempts INT NOT NULL DEFAULT 0,
-                client_ip VARCHAR(64) NOT NULL,
-                source_ip VARCHAR(64) NULL,
-                provider_request_id VARCHAR(128) NULL,
-                created_at BIGINT NOT NULL,
-                expires_at BIGINT NOT NULL,
-                KEY ix_codes_phone (phone_number, country_code, id),
-                KEY ix_codes_ip (client_ip, created_at))"""
-            + _MYSQL_TABLE,
-            """CREATE TABLE IF NOT EXISTS send_cooldowns (
-                phone_key VARCHAR(24) NOT NULL PRIMARY KEY,
-                until_ms BIGINT NOT NULL)"""
-            + _MYSQL_TABLE,
-        ],
-    ),
-    (
-        2,
-        "roles and chat messages",
-        [
-            """CREATE TABLE IF NOT EXISTS roles (
-                role_code TEXT PRIMARY KEY,
-                nickname TEXT NOT NULL,
-                intro TEXT NOT NULL,
-                avatar_url TEXT NOT NULL,
-                background_url TEXT NOT NULL,
-                opening_message TEXT NOT NULL,
-                system_prompt TEXT NOT NULL,
-                sort_order INTEGER NOT NULL,
-                enabled INTEGER NOT NULL,
-                updated_at INTEGER NOT NULL)""",
-            """CREATE TABLE IF NOT EXISTS app_meta (
-                meta_key TEXT PRIMARY KEY,
-                meta_value TEXT NOT NULL)""",
-            """CREATE TABLE IF NOT EXISTS messages (
-                id INTEGER PRIMARY KEY AUTOINCREMENT,
-                uid TEXT NOT NULL,
-                role_code TEXT NOT NULL,
-                sender_role TEXT NOT NULL,
-                content TEXT NOT NULL,
-                has_image INTEGER NOT NULL DEFAULT 0,
-                is_partial INTEGER NOT NULL DEFAULT 0,
-                created_at INTEGER NOT NULL)""",
-            "CREATE INDEX IF NOT EXISTS ix_messages_conversation ON messages (uid, role_code, id)",
-        ],
-        [
-            """CREATE TABLE IF NOT EXISTS roles (
-                role_code VARCHAR(64) NOT NULL PRIMARY KEY,
-                nickname VARCHAR(64) NOT NULL,
-                intro TEXT NOT NULL,
-                avatar_url TEXT NOT NULL,
-                background_url TEXT NOT NULL,
-                opening_message TEXT NOT NULL,
-                system_prompt MEDIUMTEXT NOT NULL,
-                sort_order INT NOT NULL,
-                enabled TINYINT(1) NOT NULL,
-                updated_at BIGINT NOT NULL)"""
-            + _MYSQL_TABLE,
-            """CREATE TABLE IF NOT EXISTS app_meta (
-                meta_key VARCHAR(64) NOT NULL PRIMARY KEY,
-                meta_value TEXT NOT NULL)"""
-            + _MYSQL_TABLE,
-            """CREATE TABLE IF NOT EXISTS messages (
-                id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
-                uid CHAR(24) NOT NULL,
-                role_code VARCHAR(64) NOT NULL,
-                sender_role VARCHAR(16) NOT NULL,
-                content MEDIUMTEXT NOT NULL,
-                has_image TINYINT(1) NOT NULL DEFAULT 0,
-                is_partial TINYINT(1) NOT NULL DEFAULT 0,
-                created_at BIGINT NOT NULL,
-                KEY ix_messages_conversation (uid, role_code, id))"""
-            + _MYSQL_TABLE,
-        ],
-    ),
-    (
-        3,
-        "chat rate limits",
-        [
-            """CREATE TABLE IF NOT EXISTS chat_events (
-                id INTEGER PRIMARY KEY AUTOINCREMENT,
-                uid TEXT NOT NULL,
-                created_at INTEGER NOT NULL)""",
-            "CREATE INDEX IF NOT EXISTS ix_chat_events_uid ON chat_events (uid, created_at)",
-            """CREATE TABLE IF NOT EXISTS stream_slots (
-                id INTEGER PRIMARY KEY AUTOINCREMENT,
-                uid TEXT NOT NULL,
-                expires_at INTEGER NOT NULL)""",
-            "CREATE INDEX IF NOT EXISTS ix_stream_slots_uid ON stream_slots (uid, expires_at)",
-        ],
-        [
-            """CREATE TABLE IF NOT EXISTS chat_events (
-                id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
-                uid CHAR(24) NOT NULL,
-                created_at BIGINT NOT NULL,
-                KEY ix_chat_events_uid (uid, created_at))"""
-            + _MYSQL_TABLE,
-            """CREATE TABLE IF NOT EXISTS stream_slots (
-                id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
-                uid CHAR(24) NOT NULL,
-                expires_at BIGINT NOT NULL,
-                KEY ix_stream_slots_uid (uid, expires_at))"""
-            + _MYSQL_TABLE,
-        ],
-    ),
-    (
-        4,
-        "usage, reasoning and revoked tokens",
-        [
-            "ALTER TABLE messages ADD COLUMN prompt_tokens INTEGER",
-            "ALTER TABLE messages ADD COLUMN completion_tokens INTEGER",
-            "ALTER TABLE messages ADD COLUMN reasoning_content TEXT",
-            """CREATE TABLE IF NOT EXISTS revoked_tokens (
-                jti TEXT PRIMARY KEY,
-                expires_at INTEGER NOT NULL)""",
-            "CREATE INDEX IF NOT EXISTS ix_revoked_tokens_expiry ON revoked_tokens (expires_at)",
-        ],
-        [
-            "ALTER TABLE messages ADD COLUMN prompt_tokens INT NULL, ADD COLUMN completion_tokens INT NULL,"
-            " ADD COLUMN reasoning_content MEDIUMTEXT NULL",
-            """CREATE TABLE IF NOT EXISTS revoked_tokens (
-                jti CHAR(32) NOT NULL PRIMARY KEY,
-                expires_at BIGINT NOT NULL,
-                KEY ix_revoked_tokens_expiry (expires_at))"""
-            + _MYSQL_TABLE,
-        ],
-    ),
-]
 
 
 class Tx:
@@ -244,6 +69,54 @@ class Tx:
         """Run a query and return its first row, or None."""
         rows = self.all(sql, params)
         return rows[0] if rows else None
+
+    def insert_selected(self, sql: str, params: Sequence[Any] = ()) -> int | None:
+        """Run an INSERT … SELECT of at most one row; return the new row's id, or None if nothing was selected."""
+        cur = self._conn.cursor()
+        try:
+            cur.execute(self._sql(sql), tuple(params))
+            return int(cur.lastrowid) if cur.rowcount == 1 else None
+        finally:
+            cur.close()
+
+    def insert_unique(self, sql: str, params: Sequence[Any] = ()) -> int | None:
+        """Run an INSERT; return the new row's id, or None when a unique key already holds those values.
+
+        Both dialects keep the transaction usable after a duplicate-key error, so callers can go on.
+        """
+        try:
+            return self.insert(sql, params)
+        except Exception as exc:
+            if is_duplicate_key(exc):
+                return None
+            raise
+
+    def upsert(self, table: str, key: dict[str, Any], values: dict[str, Any]) -> None:
+        """Set `values` on the row with `key`, creating it if absent (race-safe across instances)."""
+        assignments = ", ".join(f"{name} = ?" for name in values)
+        where = " AND ".join(f"{name} = ?" for name in key)
+        update = (f"UPDATE {table} SET {assignments} WHERE {where}", (*values.values(), *key.values()))
+        if self.execute(*update):
+            return
+        columns = {**key, **values}
+        inserted = self.insert_unique(
+            f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+            tuple(columns.values()),
+        )
+        if inserted is None:  # another transaction inserted it a moment ago; ours updates it
+            self.execute(*update)
+
+    def begin(self) -> None:
+        """Start a transaction on a session's connection (migrations)."""
+        self._conn.execute("BEGIN IMMEDIATE") if self.dialect == "sqlite" else self._conn.begin()
+
+    def commit(self) -> None:
+        """Commit a transaction begun with begin()."""
+        self._conn.execute("COMMIT") if self.dialect == "sqlite" else self._conn.commit()
+
+    def rollback(self) -> None:
+        """Roll back a transaction begun with begin()."""
+        self._conn.execute("ROLLBACK") if self.dialect == "sqlite" else self._conn.rollback()
 
     @property
     def for_update(self) -> str:
@@ -456,6 +329,36 @@ class Database:
         raise AssertionError("unreachable")
 
     @contextmanager
+    def session(self) -> Iterator[Tx]:
+        """A pooled connection in autocommit mode, for work that manages its own transactions (migrations)."""
+        try:
+            conn, _ = self._borrow()
+        except ApiError:
+            raise
+        except Exception as exc:
+            log.error("database unavailable", extra={"error": type(exc).__name__, "detail": str(exc)[:200]})
+            raise ApiError("DatabaseError") from exc
+        try:
+            yield Tx(conn, self.dialect)
+        except Exception as exc:
+            self._forget(conn)
+            if _is_driver_error(exc):
+                log.error("database error", extra={"error": type(exc).__name__, "detail": str(exc)[:200]})
+                raise ApiError("DatabaseError") from exc
+            raise
+        except BaseException:
+            self._forget(conn)
+            raise
+        else:
+            self._give_back(conn)
+
+    def migrate(self) -> list[int]:
+        """Apply the migrations this database lacks (aichat.store.migrations)."""
+        from .migrations import migrate
+
+        return migrate(self)
+
+    @contextmanager
     def _tx(self) -> Iterator[Tx]:
         conn = self._begin()
         try:
@@ -490,38 +393,6 @@ class Database:
         self._give_back(conn)
         return True
 
-    # -- schema ------------------------------------------------------------------------------------
-    def migrate(self) -> list[int]:
-        """Apply the migrations this database lacks, in order; safe to run any number of times."""
-        applied: list[int] = []
-        with self._tx() as tx:
-            tx.execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name "
-                + ("TEXT" if self.dialect == "sqlite" else "VARCHAR(200)")
-                + " NOT NULL, applied_at BIGINT NOT NULL)"
-            )
-        for version, name, sqlite_sql, mysql_sql in MIGRATIONS:
-            with self._tx() as tx:
-                if self.dialect == "mysql":
-                    # Serialise concurrent migrators (several instances starting at once).
-                    tx.one("SELECT GET_LOCK('aichat_migrate', 30) AS got")
-                try:
-                    if tx.one("SELECT version FROM schema_migrations WHERE version = ?", (version,)):
-                        continue
-                    for statement in sqlite_sql if self.dialect == "sqlite" else mysql_sql:
-                        tx.execute(statement)
-                    tx.execute(
-                        "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
-                        (version, name, now_ms()),
-                    )
-                    applied.append(version)
-                finally:
-                    if self.dialect == "mysql":
-                        tx.one("SELECT RELEASE_LOCK('aichat_migrate') AS released")
-        if applied:
-            log.info("migrations applied", extra={"versions": applied})
-        return applied
-
 
 def _close_quietly(conn: Any) -> None:
     try:
@@ -535,16 +406,6 @@ def _is_driver_error(exc: BaseException) -> bool:
         return True
     module = type(exc).__module__ or ""
     return module.startswith("pymysql") or isinstance(exc, (OSError, ConnectionError))
-
-
-def ddl(dialect: str) -> str:
-    """The whole schema as one SQL script, for operators who create tables by hand."""
-    lines = [f"-- aichat schema ({dialect}); generated from aichat.store.MIGRATIONS by `make schema`."]
-    for version, name, sqlite_sql, mysql_sql in MIGRATIONS:
-        lines.append(f"\n-- migration {version}: {name}")
-        for statement in sqlite_sql if dialect == "sqlite" else mysql_sql:
-            lines.append(" ".join(statement.split()) + ";")
-    return "\n".join(lines) + "\n"
 
 
 class UnconfiguredDatabase:

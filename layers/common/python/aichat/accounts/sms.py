@@ -8,10 +8,12 @@ import logging
 import re
 import threading
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlsplit
+
+from ..fc import Credentials
 
 logger = logging.getLogger("aichat.sms")
 
@@ -27,15 +29,6 @@ class SmsReceipt:
 
     request_id: str
     biz_id: str
-
-
-@dataclass(frozen=True)
-class Credentials:
-    """Alibaba Cloud credentials; on FC, the role's temporary ones arrive with every request."""
-
-    access_key_id: str
-    access_key_secret: str = field(repr=False)
-    security_token: str | None = field(default=None, repr=False)
 
 
 class SmsError(Exception):

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ApiError
-from .store import Database, now_ms
+from ..errors import ApiError
+from ..store import Database, now_ms
 
 log = logging.getLogger("aichat.roles")
 
@@ -60,11 +60,13 @@ def read_roles_file(path: str | Path) -> list[Role]:
         if entry["role_code"] in seen:
             raise ValueError(f"duplicate role_code {entry['role_code']!r}")
         seen.add(entry["role_code"])
+        if not isinstance(entry.get("enabled", True), bool):  # "false" as a string would count as true
+            raise ValueError(f"role {entry['role_code']!r}: enabled must be true or false")
         roles.append(
             Role(
                 **{f: entry[f] for f in (*PUBLIC_FIELDS, "system_prompt")},
                 sort_order=int(entry.get("sort_order", index)),
-                enabled=bool(entry.get("enabled", True)),
+                enabled=entry.get("enabled", True),
             )
         )
     return roles
@@ -82,39 +84,28 @@ def sync_roles(db: Database, roles: list[Role], *, fingerprint: str | None = Non
                 return False
         now = now_ms()
         for role in roles:
-            values = (
-                role.nickname,
-                role.intro,
-                role.avatar_url,
-                role.background_url,
-                role.opening_message,
-                role.system_prompt,
-                role.sort_order,
-                int(role.enabled),
-                now,
-                role.role_code,
+            tx.upsert(
+                "roles",
+                {"role_code": role.role_code},
+                {
+                    "nickname": role.nickname,
+                    "intro": role.intro,
+                    "avatar_url": role.avatar_url,
+                    "background_url": role.background_url,
+                    "opening_message": role.opening_message,
+                    "system_prompt": role.system_prompt,
+                    "sort_order": role.sort_order,
+                    "enabled": int(role.enabled),
+                    "updated_at": now,
+                },
             )
-            if not tx.execute(
-                "UPDATE roles SET nickname = ?, intro = ?, avatar_url = ?, background_url = ?,"
-                " opening_message = ?, system_prompt = ?, sort_order = ?, enabled = ?, updated_at = ?"
-                " WHERE role_code = ?",
-                values,
-            ) and not tx.one("SELECT role_code FROM roles WHERE role_code = ?", (role.role_code,)):
-                tx.execute(
-                    "INSERT INTO roles (nickname, intro, avatar_url, background_url, opening_message,"
-                    " system_prompt, sort_order, enabled, updated_at, role_code)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    values,
-                )
         codes = [role.role_code for role in roles]
-        tx.execute(
-            f"UPDATE roles SET enabled = 0 WHERE role_code NOT IN ({','.join('?' * len(codes))})",
-            codes,
-        )
-        if fingerprint and not tx.execute(
-            "UPDATE app_meta SET meta_value = ? WHERE meta_key = ?", (fingerprint, ROLES_HASH_KEY)
-        ):
-            tx.execute("INSERT INTO app_meta (meta_key, meta_value) VALUES (?, ?)", (ROLES_HASH_KEY, fingerprint))
+        if codes:
+            tx.execute(f"UPDATE roles SET enabled = 0 WHERE role_code NOT IN ({','.join('?' * len(codes))})", codes)
+        else:  # an empty catalogue disables every role (and `NOT IN ()` is not SQL)
+            tx.execute("UPDATE roles SET enabled = 0")
+        if fingerprint:
+            tx.upsert("app_meta", {"meta_key": ROLES_HASH_KEY}, {"meta_value": fingerprint})
     log.info("role catalogue synced", extra={"roles": codes})
     return True
 

@@ -1,12 +1,17 @@
-"""Access tokens: PyJWT HS256 with sub=uid, iat and exp, always verified in full."""
+"""Access tokens: PyJWT HS256 with sub=uid, iat, exp and jti, always verified in full; revocation and liveness.
+
+Both services use this module: LoginService issues and revokes, both check that a token is still live.
+"""
 
 from __future__ import annotations
 
 import re
 import time
 import uuid
+from typing import Any
 
 from .errors import ApiError
+from .store import Database, Tx, now_ms
 
 ALGORITHM = "HS256"
 UID_PATTERN = re.compile(r"[0-9a-f]{24}")
@@ -56,3 +61,26 @@ def bearer_token(header: str | None) -> str:
 def preload() -> None:
     """Import PyJWT now (FC's initializer) so the first authenticated request does not pay for it."""
     import jwt  # noqa: F401
+
+
+def token_is_live(db: Database, claims: dict[str, Any]) -> bool:
+    """Whether a verified token still counts: its user exists and it was not revoked (one query)."""
+    jti = claims.get("jti") if isinstance(claims.get("jti"), str) else ""
+    row = db.read(
+        lambda tx: tx.one(
+            "SELECT u.uid, r.jti FROM users u LEFT JOIN revoked_tokens r ON r.jti = ? WHERE u.uid = ?",
+            (jti[:64], claims["sub"]),
+        )
+    )
+    return row is not None and row["jti"] is None
+
+
+def revoke(tx: Tx, claims: dict[str, Any]) -> None:
+    """Refuse this token on every instance from now on (kept only until it would have expired anyway)."""
+    jti = claims.get("jti")
+    if not isinstance(jti, str) or not jti:
+        return  # every token this service issues has a jti; anything else cannot be revoked by id
+    tx.execute("DELETE FROM revoked_tokens WHERE expires_at < ?", (now_ms(),))
+    tx.insert_unique(
+        "INSERT INTO revoked_tokens (jti, expires_at) VALUES (?, ?)", (jti[:64], int(claims["exp"]) * 1000)
+    )

@@ -1,0 +1,1 @@
+"""LoginService's feature: phone numbers, verification codes and their SMS providers, users."""

@@ -1,0 +1,103 @@
+"""Reading and clearing what was said: history (whole or paged), clear, delete one message."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Any
+
+from ..config import Settings
+from ..errors import ApiError
+from ..store import Database, Row
+from . import conversations, input, messages
+from .roles import RoleCatalog
+from .targets import check_role, resolve
+
+log = logging.getLogger("aichat.chat")
+
+HISTORY_PAGE_DEFAULT = 50
+HISTORY_PAGE_MAX = 200
+
+
+def format_time(ms: int, settings: Settings) -> str:
+    """`YYYY-MM-DDTHH:MM:SS` in the configured time zone, as the contract shows."""
+    return datetime.fromtimestamp(ms // 1000, settings.tz).replace(tzinfo=None).isoformat()
+
+
+def history_item(row: Row, settings: Settings) -> dict[str, Any]:
+    """The contract's HistoryMessage."""
+    return {
+        "id": int(row["id"]),
+        "sender_role": row["sender_role"],
+        "content": row["content"],
+        "has_image": bool(row["has_image"]),
+        "is_partial": bool(row["is_partial"]),
+        "created_at": format_time(row["created_at"], settings),
+    }
+
+
+class History:
+    """History, clear and message deletion for the user's conversations."""
+
+    def __init__(self, settings: Settings, db: Database, roles: RoleCatalog) -> None:
+        self.settings = settings
+        self.db = db
+        self.roles = roles
+
+    def history(self, uid: str, args: Any) -> dict[str, Any]:
+        """A conversation's messages, oldest first; a page of them when `limit`/`before_id` is given.
+
+        Without paging parameters or conversation_id the answer is exactly the contract's.
+        """
+        target = input.target(args)
+        role = check_role(self.roles, target)
+        limit = input.query_int(args, "limit", low=1, high=HISTORY_PAGE_MAX)
+        before_id = input.query_int(args, "before_id", low=1, high=input.MAX_ID)
+        paged = limit is not None or before_id is not None
+        page_size = limit or HISTORY_PAGE_DEFAULT
+
+        def read(tx: Any) -> tuple[str, list[Row]]:
+            conversation = resolve(tx, uid=uid, target=target, create=False)
+            if conversation is None:  # the role's default conversation was never used
+                return role.role_code if role else "", []
+            rows = messages.history(
+                tx, conversation_id=conversation.id, limit=page_size + 1 if paged else None, before_id=before_id
+            )
+            return conversation.role_code, rows
+
+        role_code, rows = self.db.read(read)
+        body: dict[str, Any] = {"success": True, "role_code": role_code}
+        if target.conversation_id is not None:
+            body["conversation_id"] = target.conversation_id
+        if not paged:
+            body["messages"] = [history_item(row, self.settings) for row in rows]
+            return body
+        # One extra row was read (the oldest) to learn whether more remain.
+        has_more = len(rows) > page_size
+        rows = rows[1:] if has_more else rows
+        body["messages"] = [history_item(row, self.settings) for row in rows]
+        body["has_more"] = has_more
+        body["next_before_id"] = int(rows[0]["id"]) if has_more and rows else None
+        return body
+
+    def clear(self, uid: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Delete the messages of one conversation (the role's default one without conversation_id)."""
+        target = input.target(body)
+        check_role(self.roles, target)
+        with self.db.tx() as tx:
+            conversation = resolve(tx, uid=uid, target=target, create=False)
+            deleted = 0
+            if conversation is not None:
+                deleted = messages.clear(tx, conversation_id=conversation.id)
+                conversations.emptied(tx, conversation_id=conversation.id)
+        log.info("conversation cleared", extra={"uid": uid, "deleted": deleted})
+        return {"success": True, "message": "当前聊天已清空", "deleted_count": deleted}
+
+    def delete_message(self, uid: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Delete one of this user's messages by id (404 for an unknown id or another user's message)."""
+        message_id = input.message_id(body.get("message_id"))
+        with self.db.tx() as tx:
+            deleted = messages.delete_one(tx, uid=uid, message_id=message_id)  # type: ignore[arg-type]
+        if deleted is None:
+            raise ApiError("MessageNotFound")
+        return {"success": True, "message": "消息已删除", "deleted_count": 1}

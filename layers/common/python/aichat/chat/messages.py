@@ -1,0 +1,145 @@
+"""The messages table: the only code that writes it. Keyword-only repository functions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..store import Row, Tx, now_ms
+
+HISTORY_COLUMNS = "id, sender_role, content, has_image, is_partial, created_at"
+
+
+def add_user_message(tx: Tx, *, uid: str, role_code: str, conversation_id: str, text: str, has_image: bool) -> int:
+    """Store the user's side of a turn; returns its id."""
+    return tx.insert(
+        "INSERT INTO messages (uid, role_code, conversation_id, sender_role, content, has_image, is_partial,"
+        " created_at) VALUES (?, ?, ?, 'user', ?, ?, 0, ?)",
+        (uid, role_code, conversation_id, text, int(has_image), now_ms()),
+    )
+
+
+def add_reply(
+    tx: Tx,
+    *,
+    reply_to: int,
+    conversation_id: str,
+    content: str,
+    reasoning: str | None,
+    partial: bool,
+    usage: dict[str, Any] | None,
+) -> int | None:
+    """Store an assistant reply to the user message `reply_to`, only if that message still exists.
+
+    A clear, a deletion of the message or conversation, or an account deletion that committed while the
+    reply was streaming removed it: then nothing is stored (None), so no reply outlives what it answered.
+    """
+    usage = usage or {}
+    return tx.insert_selected(
+        "INSERT INTO messages (uid, role_code, conversation_id, sender_role, content, has_image, is_partial,"
+        " created_at, prompt_tokens, completion_tokens, reasoning_content)"
+        " SELECT uid, role_code, conversation_id, 'assistant', ?, 0, ?, ?, ?, ?, ? FROM messages"
+        " WHERE id = ? AND conversation_id = ?",
+        (
+            content,
+            int(partial),
+            now_ms(),
+            _int(usage.get("prompt_tokens")),
+            _int(usage.get("completion_tokens")),
+            reasoning,
+            reply_to,
+            conversation_id,
+        ),
+    )
+
+
+def _int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    return value if isinstance(value, int) else None
+
+
+def get(tx: Tx, *, uid: str, message_id: int) -> Row | None:
+    """One of the user's messages with everything stored for it (None for another user's)."""
+    return tx.one(
+        f"SELECT {HISTORY_COLUMNS}, conversation_id, reasoning_content, prompt_tokens, completion_tokens"
+        " FROM messages WHERE id = ? AND uid = ?",
+        (message_id, uid),
+    )
+
+
+def history(tx: Tx, *, conversation_id: str, limit: int | None = None, before_id: int | None = None) -> list[Row]:
+    """A conversation's messages oldest first: all of them, or the `limit` newest before `before_id`."""
+    sql = f"SELECT {HISTORY_COLUMNS} FROM messages WHERE conversation_id = ?"
+    params: list[Any] = [conversation_id]
+    if before_id is not None:
+        sql += " AND id < ?"
+        params.append(before_id)
+    if limit is None:
+        return tx.all(sql + " ORDER BY id", params)
+    rows = tx.all(sql + " ORDER BY id DESC LIMIT ?", [*params, limit])
+    rows.reverse()
+    return rows
+
+
+def context(tx: Tx, *, conversation_id: str, before_id: int, limit: int) -> list[Row]:
+    """The newest `limit` messages before a turn, oldest first: what the model may be shown."""
+    rows = tx.all(
+        "SELECT sender_role, content, has_image FROM messages WHERE conversation_id = ? AND id < ?"
+        " ORDER BY id DESC LIMIT ?",
+        (conversation_id, before_id, limit),
+    )
+    rows.reverse()
+    return rows
+
+
+def last_user_message(tx: Tx, *, conversation_id: str) -> Row | None:
+    """The conversation's newest user message, locked for a rewrite (regenerate, edit)."""
+    return tx.one(
+        "SELECT id, content, has_image FROM messages WHERE conversation_id = ? AND sender_role = 'user'"
+        " ORDER BY id DESC LIMIT 1" + tx.for_update,
+        (conversation_id,),
+    )
+
+
+def delete_after(tx: Tx, *, conversation_id: str, message_id: int) -> int:
+    """Drop everything after a message (the replies a regenerate replaces)."""
+    return tx.execute("DELETE FROM messages WHERE conversation_id = ? AND id > ?", (conversation_id, message_id))
+
+
+def rewrite_user_message(tx: Tx, *, message_id: int, text: str, has_image: bool) -> None:
+    """Replace a user message's text (edit), keeping its id and place."""
+    tx.execute(
+        "UPDATE messages SET content = ?, has_image = ?, created_at = ? WHERE id = ?",
+        (text, int(has_image), now_ms(), message_id),
+    )
+
+
+def delete_one(tx: Tx, *, uid: str, message_id: int) -> Row | None:
+    """Delete one of the user's messages; returns what it was (None for an unknown id or another user's)."""
+    # The uid in the WHERE clause is the authorisation: another user's id looks exactly like an unknown one.
+    row = tx.one("SELECT id, conversation_id FROM messages WHERE id = ? AND uid = ?", (message_id, uid))
+    if row is not None:
+        tx.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+    return row
+
+
+def clear(tx: Tx, *, conversation_id: str) -> int:
+    """Delete a conversation's messages; returns how many."""
+    return tx.execute("DELETE FROM messages WHERE conversation_id = ?", (conversation_id,))
+
+
+def count_by_conversation(tx: Tx, *, conversation_ids: list[str]) -> dict[str, int]:
+    """How many messages each of these conversations holds."""
+    if not conversation_ids:
+        return {}
+    rows = tx.all(
+        "SELECT conversation_id, COUNT(*) AS n FROM messages WHERE conversation_id IN"
+        f" ({','.join('?' * len(conversation_ids))}) GROUP BY conversation_id",
+        conversation_ids,
+    )
+    return {row["conversation_id"]: int(row["n"]) for row in rows}
+
+
+def delete_for_user(tx: Tx, *, uid: str) -> int:
+    """Account deletion: every message of the user."""
+    return tx.execute("DELETE FROM messages WHERE uid = ?", (uid,))

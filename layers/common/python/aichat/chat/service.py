@@ -1,0 +1,245 @@
+"""ChatService's replies: a turn's input, limits and storage around the turn engine, streamed or not."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+from ..config import Settings
+from ..errors import ApiError
+from ..llm import LlmClient
+from ..store import Database, Tx
+from . import conversations, input, messages
+from .context import build_messages, stored_text, user_turn
+from .conversations import Conversation
+from .history import format_time
+from .limits import ChatLimiter, DbChatLimiter
+from .relay import StreamRelay
+from .roles import Role, RoleCatalog
+from .targets import check_role, resolve
+from .turn import Reply, Turn
+
+log = logging.getLogger("aichat.chat")
+
+# write(tx, conversation) -> the turn as the model will see it, and the id of the user message it answers.
+Write = Callable[[Tx, Conversation], tuple[input.TurnInput, int]]
+
+
+class ChatService:
+    """Replies of a role in a conversation: streamed (SSE) or whole (JSON), regenerated or after an edit."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        roles: RoleCatalog,
+        llm: LlmClient,
+        limiter: ChatLimiter | None = None,
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.roles = roles
+        self.llm = llm
+        self.limiter = limiter or DbChatLimiter(settings, db)
+
+    # -- operations ----------------------------------------------------------------------------------
+    def stream(self, uid: str, body: dict[str, Any], *, client: socket.socket | None = None) -> StreamRelay:
+        """POST /chat/stream: a new user message and the role's reply as SSE.
+
+        Errors before the first frame are raised as ApiError (JSON answers); after it, the turn reports
+        them in-band (the fallback frame).
+        """
+        return self._relay(self._new_message(uid, body), client)
+
+    def send(self, uid: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST /chat/send: the same turn as /chat/stream, answered as one JSON body when it is complete."""
+        turn = self._new_message(uid, body)
+        try:
+            for _ in turn.frames():
+                pass
+        finally:
+            turn.close()
+        if turn.error_code is not None:
+            raise ApiError(turn.error_code)
+        return {
+            "success": True,
+            "message": self._stored_reply(uid, turn),
+            "user_message_id": turn.meta["message_id"],
+            "conversation_id": turn.meta["conversation_id"],
+        }
+
+    def regenerate(self, uid: str, body: dict[str, Any], *, client: socket.socket | None = None) -> StreamRelay:
+        """POST /chat/regenerate: answer the last user message again, replacing the replies after it."""
+        target = input.target(body)
+        check_role(self.roles, target)
+        overrides = input.turn_overrides(body, self.settings)
+
+        def write(tx: Tx, conversation: Conversation) -> tuple[input.TurnInput, int]:
+            last = self._rewind(tx, conversation, message_id=None)
+            # The image itself is never stored, so a regenerated turn carries its text (or a placeholder).
+            return input.TurnInput(text=stored_text(last), image=None, overrides=overrides), last["id"]
+
+        return self._relay(self._start(uid, target, write), client)
+
+    def edit(self, uid: str, body: dict[str, Any], *, client: socket.socket | None = None) -> StreamRelay:
+        """POST /chat/edit: replace the last user message's text (and image), then answer it anew."""
+        target = input.target(body)
+        check_role(self.roles, target)
+        new = input.turn(body, self.settings)
+        raw_id = body.get("message_id")
+        message_id = input.integer(raw_id)
+        if raw_id is not None and (message_id is None or not 1 <= message_id <= input.MAX_ID):
+            raise ApiError("InvalidInput", "参数 message_id 必须是最后一条用户消息的 id")
+
+        def write(tx: Tx, conversation: Conversation) -> tuple[input.TurnInput, int]:
+            last = self._rewind(tx, conversation, message_id=message_id)
+            messages.rewrite_user_message(tx, message_id=last["id"], text=new.text, has_image=new.image is not None)
+            return new, last["id"]
+
+        return self._relay(self._start(uid, target, write), client)
+
+    # -- the common path -----------------------------------------------------------------------------
+    def _new_message(self, uid: str, body: dict[str, Any]) -> Turn:
+        target = input.target(body)
+        check_role(self.roles, target)
+        turn = input.turn(body, self.settings)
+
+        def write(tx: Tx, conversation: Conversation) -> tuple[input.TurnInput, int]:
+            message_id = messages.add_user_message(
+                tx,
+                uid=uid,
+                role_code=conversation.role_code,
+                conversation_id=conversation.id,
+                text=turn.text,
+                has_image=turn.image is not None,
+            )
+            first = turn.text or (input_placeholder(turn))
+            conversations.touch(tx, conversation_id=conversation.id, first_text=first)
+            return turn, message_id
+
+        return self._start(uid, target, write)
+
+    def _start(self, uid: str, target: input.Target, write: Write) -> Turn:
+        """Limits, the conversation's write and its context (one transaction), then the upstream."""
+        if not self.llm.api_key:
+            raise ApiError("MissingApiKey")
+        with self.db.tx() as tx:
+            conversation = resolve(tx, uid=uid, target=target, create=True)
+            assert conversation is not None
+            role = self.roles.get(conversation.role_code)
+            slot_id = self.limiter.acquire(tx, uid=uid)
+            turn, message_id = write(tx, conversation)
+            history = messages.context(
+                tx, conversation_id=conversation.id, before_id=message_id, limit=self.settings.history_max_messages
+            )
+        release = partial(self.limiter.release, slot_id)
+        payload = self._payload(role, conversation, turn, history)
+        try:
+            upstream = self.llm.open_stream(payload)
+        except BaseException:
+            release()
+            raise
+        log.info(
+            "stream opened",
+            extra={"uid": uid, "conversation_id": conversation.id, "message_id": message_id, "model": payload["model"]},
+        )
+        meta = {"conversation_id": conversation.id, "message_id": message_id, "role_code": conversation.role_code}
+        return Turn(
+            upstream=upstream,
+            model=payload["model"],
+            meta=meta,
+            save=partial(self._save, conversation.id, message_id),
+            on_close=[release],
+        )
+
+    def _payload(
+        self, role: Role, conversation: Conversation, turn: input.TurnInput, history: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        """The upstream request: the conversation's settings, overridden by this turn's."""
+        s = self.settings
+        effective = {**conversation.settings, **turn.overrides}
+        params = {name: effective[name] for name in input.PARAMS if effective.get(name) is not None}
+        model = s.llm_vision_model if turn.image else (effective.get("model") or s.llm_model)
+        payload: dict[str, Any] = {
+            "model": model,
+            "messages": build_messages(
+                system_prompt=role.system_prompt,
+                opening_message=role.opening_message,
+                history=history,
+                turn=user_turn(turn.text, turn.image),
+                context_tokens=s.context_tokens,
+                reserve_tokens=params.get("max_tokens") or s.reply_reserve_tokens,
+            ),
+            **params,
+        }
+        if s.llm_thinking_flag:
+            # DashScope's switch for Qwen3 hybrid thinking models; sent explicitly so "off" means off.
+            payload["enable_thinking"] = bool(effective.get("thinking_enabled"))
+        if s.llm_include_usage:
+            payload["stream_options"] = {"include_usage": True}
+        return payload
+
+    def _relay(self, turn: Turn, client: socket.socket | None) -> StreamRelay:
+        return StreamRelay(
+            turn.frames(),
+            client=client,
+            on_client_gone=turn.abort,
+            on_close=turn.close,
+            outcome=lambda: turn.outcome,
+        )
+
+    def _rewind(self, tx: Tx, conversation: Conversation, *, message_id: int | None) -> dict[str, Any]:
+        """Drop the replies after the conversation's last user message (which must be `message_id` if given)."""
+        last = messages.last_user_message(tx, conversation_id=conversation.id)
+        if last is None:
+            raise ApiError("InvalidInput", "当前会话还没有可以重新生成的消息")
+        if message_id is not None and message_id != last["id"]:
+            raise ApiError("InvalidInput", "只能编辑最后一条用户消息")
+        messages.delete_after(tx, conversation_id=conversation.id, message_id=last["id"])
+        return last
+
+    def _save(self, conversation_id: str, reply_to: int, reply: Reply, partial: bool) -> int | None:
+        """Store a reply, unless what it answers was removed meanwhile (clear, delete, account deletion)."""
+        with self.db.tx() as tx:
+            message_id = messages.add_reply(
+                tx,
+                reply_to=reply_to,
+                conversation_id=conversation_id,
+                content=reply.text,
+                reasoning=reply.reasoning_text,
+                partial=partial,
+                usage=reply.usage,
+            )
+            if message_id is not None:
+                conversations.touch(tx, conversation_id=conversation_id)
+        if message_id is None:
+            log.info("reply not stored: the message it answers is gone", extra={"reply_to": reply_to})
+        return message_id
+
+    def _stored_reply(self, uid: str, turn: Turn) -> dict[str, Any]:
+        """/chat/send's message object for the reply the turn stored."""
+        reply = turn.reply
+        created_at = None
+        if turn.message_id is not None:
+            row = self.db.read(lambda tx: messages.get(tx, uid=uid, message_id=turn.message_id))
+            created_at = row["created_at"] if row else None
+        body: dict[str, Any] = {
+            "id": turn.message_id,
+            "sender_role": "assistant",
+            "content": reply.text,
+            "has_image": False,
+            "is_partial": False,
+            "created_at": format_time(created_at, self.settings) if created_at is not None else None,
+        }
+        if reply.reasoning_text:
+            body["reasoning_content"] = reply.reasoning_text
+        body["usage"] = reply.usage
+        return body
+
+
+def input_placeholder(turn: input.TurnInput) -> str:
+    """What names a conversation whose first message is an image alone."""
+    return "[图片]" if turn.image is not None else ""
