@@ -34,7 +34,8 @@ for _path in (str(LAYER), str(ROOT)):
 from aichat.store import Database  # noqa: E402
 from aichat.tokens import issue_token  # noqa: E402
 
-from tests.servers import TEST_SECRET, ServerProcess, base_env, free_port  # noqa: E402
+from dev.launch import gunicorn  # noqa: E402
+from tests.helpers import TEST_SECRET, ServerProcess, base_env, free_port  # noqa: E402
 
 # The layer the measured services run with: the tree's own, or a patched copy to A/B a suggested fix
 # (AICHAT_BENCH_LAYER=/path/to/python); the bench process itself always imports the tree's layer.
@@ -387,13 +388,7 @@ class BareFlask:
         self.port = free_port()
         self.log_path = self.dir / "gunicorn.log"
         self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", "python:aichat.gunicorn_conf", "app:app"],
-            cwd=self.dir,
-            env={**env, "AICHAT_BIND": f"127.0.0.1:{self.port}"},
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
+        self.proc = gunicorn(self.dir, port=self.port, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while True:
             if self.proc.poll() is not None:

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import benchlib as b
 
+from dev.launch import gunicorn
+
 TARGET_RATIO = 1.5
 SDK_PREFIXES = ("alibabacloud", "Tea", "darabonba")
 WATCHED = (*SDK_PREFIXES, "pymysql", "requests", "urllib3", "cryptography", "jinja2")
@@ -99,13 +101,7 @@ def start_to_first_request(cwd: Path, env: dict[str, str], path: str) -> float:
     """Seconds from starting gunicorn to reading the first response to `path`."""
     port = b.free_port()
     started = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", "python:aichat.gunicorn_conf", "app:app"],
-        cwd=cwd,
-        env={**env, "AICHAT_BIND": f"127.0.0.1:{port}"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    proc = gunicorn(cwd, port=port, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = started + 30
         while True:

@@ -245,6 +245,15 @@ class FakeDysms:
         with self._lock:
             return self._delivered_codes.get(phone_numbers)
 
+    def received_code(self, phone_numbers: str) -> str | None:
+        """The "code" of the newest SendSms received for this PhoneNumbers value, however it was answered."""
+        with self._lock:
+            for message in reversed(self.sent):
+                param = message["template_param"]
+                if message["phone_numbers"] == phone_numbers and isinstance(param, dict) and "code" in param:
+                    return str(param["code"])
+        return None
+
     def reset(self) -> None:
         """Forget recorded messages and scripts (keeps the server running)."""
         with self._lock:

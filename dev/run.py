@@ -35,11 +35,9 @@ def local_environment(data_dir: Path) -> dict[str, str]:
 
 def serve(function: str, port: int, env: dict[str, str]) -> subprocess.Popen:
     """Start one FC function's app under gunicorn exactly as FC's start command does, on loopback."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", "python:aichat.gunicorn_conf", "app:app"],
-        cwd=ROOT / "functions" / function,
-        env={**env, "AICHAT_BIND": f"127.0.0.1:{port}"},
-    )
+    from dev.launch import function_dir, gunicorn
+
+    return gunicorn(function_dir(function), port=port, env=env)
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 30) -> None:

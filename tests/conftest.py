@@ -12,7 +12,7 @@ import pytest
 
 from dev.fake_dysms import FakeDysms
 from dev.fake_llm import FakeLLM
-from tests.servers import Client, ServerProcess, base_env, random_phone
+from tests.helpers import Client, ServerProcess, base_env, random_phone
 
 MYSQL_URL = os.environ.get("AICHAT_TEST_MYSQL_URL", "")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")

@@ -14,8 +14,21 @@ import requests
 from aichat.chat.context import estimate_tokens, message_tokens
 
 from tests.conftest import ROLES_FILE, chat_env
-from tests.servers import TEST_SECRET, Client, frame_text, free_port, query, read_stream, sse_events
-from tests.test_login import assert_error
+from tests.helpers import (
+    JPEG,
+    PNG,
+    TEST_SECRET,
+    Client,
+    assert_error,
+    chat_once,
+    frame_text,
+    free_port,
+    history,
+    query,
+    read_stream,
+    sse_events,
+    stream,
+)
 
 CONTRACT_NAITANG = {
     "role_code": "naitang",
@@ -27,28 +40,7 @@ CONTRACT_NAITANG = {
 }
 ROLES = json.loads(Path(ROLES_FILE).read_text(encoding="utf-8"))["roles"]
 NAITANG_PROMPT = next(r["system_prompt"] for r in ROLES if r["role_code"] == "naitang")
-PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
-JPEG = b"\xff\xd8\xff\xe0" + b"\x00" * 64
 TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}")
-
-
-def stream(client: Client, body: dict, **kw) -> requests.Response:
-    """POST /chat/stream without reading the body yet."""
-    return client.post("/chat/stream", body, stream=True, **kw)
-
-
-def chat_once(client: Client, body: dict) -> list[str]:
-    """Send one message and read the whole reply."""
-    res = stream(client, body)
-    assert res.status_code == 200, res.text
-    return read_stream(res)
-
-
-def history(client: Client, role_code: str = "naitang") -> list[dict]:
-    """The user's history with a role."""
-    res = client.get("/chat/history", params={"role_code": role_code})
-    assert res.status_code == 200, res.text
-    return res.json()["messages"]
 
 
 class TestRoles:
@@ -66,9 +58,10 @@ class TestRoles:
         assert "system_prompt" not in res.text and NAITANG_PROMPT[:20] not in res.text
 
     def test_order_is_stable(self, chat_server):
-        first = requests.get(chat_server.base_url + "/chat/roles", timeout=5).json()
-        second = requests.get(chat_server.base_url + "/chat/roles", timeout=5).json()
-        assert first == second
+        answers = [requests.get(chat_server.base_url + "/chat/roles", timeout=5) for _ in range(2)]
+        assert [a.status_code for a in answers] == [200, 200]
+        first, second = (a.json() for a in answers)
+        assert first == second and first["success"] is True and first["roles"]
 
 
 class TestStream:
@@ -391,8 +384,13 @@ class TestValidation:
 
     def test_missing_api_key(self, start_server, db_url, new_user):
         server = start_server("chat", AICHAT_DB_URL=db_url, AICHAT_ROLES_FILE=ROLES_FILE)
-        client = Client(server.base_url, token=new_user()[1])
-        assert_error(client.post("/chat/stream", {"role_code": "naitang", "message": "hi"}), 500, "MissingApiKey")
+        uid, token = new_user()
+        client = Client(server.base_url, token=token)
+        for path in ("/chat/stream", "/chat/send"):
+            assert_error(client.post(path, {"role_code": "naitang", "message": "hi"}), 500, "MissingApiKey")
+        # Refused before anything was written: no message, no counted event, no slot, no conversation.
+        for table in ("messages", "chat_events", "stream_slots", "conversations"):
+            assert query(db_url, f"SELECT COUNT(*) FROM {table} WHERE uid = ?", (uid,)) == [(0,)], table
 
 
 class TestAuth:

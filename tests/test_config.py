@@ -13,7 +13,7 @@ from aichat.config import ENV_VARS, FALLBACK_KEY_VAR, RUNNER_ENV_VARS, ConfigErr
 from aichat.store import ddl
 from aichat.store.schema import MIGRATIONS
 
-from tests.servers import LAYER, ROOT
+from tests.helpers import LAYER, ROOT
 
 BASE = {"AICHAT_JWT_SECRET": "s" * 40}
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import re
+import time
 
+import jwt
 import pytest
 
-from tests.servers import Client, frame_text, query
-from tests.test_chat import chat_once, history
-from tests.test_login import assert_error
+from tests.helpers import Client, assert_error, chat_once, frame_text, history, query, sse_events, stream
 
 
 def converse(client: Client, fake_llm, turns: int) -> None:
@@ -48,13 +48,14 @@ class TestMessageOperations:
         alice = Client(chat_server.base_url, token=new_user()[1])
         bob = Client(chat_server.base_url, token=new_user()[1])
         converse(alice, fake_llm, 1)
-        target = history(alice)[0]
+        target, reply = history(alice)
         # Bob cannot delete (or even detect) Alice's message.
         assert_error(bob.post("/chat/message/delete", {"message_id": target["id"]}), 404, "MessageNotFound")
         assert len(history(alice)) == 2
         res = alice.post("/chat/message/delete", {"message_id": target["id"]})
         assert res.json() == {"success": True, "message": "消息已删除", "deleted_count": 1}
-        assert [m["id"] for m in history(alice)] == [history(alice)[0]["id"]] and len(history(alice)) == 1
+        # Exactly that message went: the reply after it is still there.
+        assert [(m["id"], m["content"]) for m in history(alice)] == [(reply["id"], reply["content"])]
         assert_error(alice.post("/chat/message/delete", {"message_id": target["id"]}), 404, "MessageNotFound")
         assert_error(alice.post("/chat/message/delete", {"message_id": "1"}), 400, "InvalidInput")
         assert_error(alice.post("/chat/message/delete", {}), 400, "InvalidInput")
@@ -132,14 +133,29 @@ class TestAccount:
         chat = Client(chat_server.base_url, token=token)
         converse(chat, fake_llm, 2)
         (phone,) = query(db_url, "SELECT phone_number FROM users WHERE uid = ?", (uid,))[0]
-        assert query(db_url, "SELECT COUNT(*) FROM verification_codes WHERE phone_number = ?", (phone,))[0][0] >= 1
+        # A stream is still running when the account goes: it holds a slot, and its reply must not outlive it.
+        fake_llm.enqueue(chunks=["还", "在", "说"], hang_after=2)
+        running = stream(chat, {"role_code": "naitang", "message": "最后一句"})
+        reader = sse_events(running)
+        while "还" not in frame_text([next(reader)[1]]):
+            pass
+        before = {
+            "stream_slots": ("uid", uid),
+            "chat_events": ("uid", uid),
+            "conversations": ("uid", uid),
+            "verification_codes": ("phone_number", phone),
+            "send_cooldowns": ("phone_key", f"86:{phone}"),
+        }
+        for table, (column, value) in before.items():
+            assert query(db_url, f"SELECT COUNT(*) FROM {table} WHERE {column} = ?", (value,))[0][0] >= 1, table
+        jti = jwt.decode(token, options={"verify_signature": False})["jti"]
         res = Client(login_server.base_url, token=token).post("/account/delete")
-        assert res.json() == {"success": True, "message": "账号已注销", "deleted_messages": 4}
-        for table, column, value in (
-            ("messages", "uid", uid),
-            ("users", "uid", uid),
-            ("chat_events", "uid", uid),
-            ("verification_codes", "phone_number", phone),
-        ):
+        assert res.json() == {"success": True, "message": "账号已注销", "deleted_messages": 5}
+        for table, (column, value) in {**before, "messages": ("uid", uid), "users": ("uid", uid)}.items():
             assert query(db_url, f"SELECT COUNT(*) FROM {table} WHERE {column} = ?", (value,))[0][0] == 0, table
+        assert query(db_url, "SELECT COUNT(*) FROM revoked_tokens WHERE jti = ?", (jti,)) == [(1,)]
+        # The running stream ends (the user closes the app): what it received is not stored for a deleted user.
+        running.close()
+        time.sleep(0.5)
+        assert query(db_url, "SELECT COUNT(*) FROM messages WHERE uid = ?", (uid,)) == [(0,)]
         assert_error(chat.get("/chat/history", params={"role_code": "naitang"}), 401, "Unauthorized")

@@ -14,10 +14,8 @@ import pytest
 import requests
 
 from tests.conftest import chat_env, dysms_env
-from tests.servers import Client, read_stream, sse_events
+from tests.helpers import PNG, Client, assert_error, chat_once, history, read_stream, sse_events, stream
 from tests.tcpproxy import TcpProxy
-from tests.test_chat import PNG, chat_once, history, stream
-from tests.test_login import assert_error
 
 
 @pytest.fixture
@@ -107,7 +105,7 @@ class TestMultiInstance:
         login_a = start_server("login", AICHAT_DB_URL=db_url, **dysms_env(fake_dysms))
         chat_b = start_server("chat", **chat_env(fake_llm, db_url, AICHAT_CHAT_MESSAGES_PER_MINUTE=3))
         chat_c = start_server("chat", **chat_env(fake_llm, db_url, AICHAT_CHAT_MESSAGES_PER_MINUTE=3))
-        from tests.servers import random_phone
+        from tests.helpers import random_phone
 
         phone = random_phone()
         login = Client(login_a.base_url)
@@ -253,7 +251,7 @@ def test_no_thread_or_connection_leaks_after_200_faulty_streams(start_server, db
 def test_logs_are_json_and_hold_no_secrets(start_server, sqlite_url, fake_llm, fake_dysms):
     login_server = start_server("login", AICHAT_DB_URL=sqlite_url, **dysms_env(fake_dysms))
     chat_server = start_server("chat", **chat_env(fake_llm, sqlite_url))
-    from tests.servers import random_phone
+    from tests.helpers import random_phone
 
     phone = random_phone()
     login = Client(login_server.base_url)
@@ -285,5 +283,7 @@ def test_logs_are_json_and_hold_no_secrets(start_server, sqlite_url, fake_llm, f
 
 def test_roles_endpoint_survives_many_requests(chat_server):
     # A cheap smoke check that the in-process role cache serves repeated requests consistently.
-    bodies = {requests.get(chat_server.base_url + "/chat/roles", timeout=5).text for _ in range(20)}
-    assert len(bodies) == 1
+    answers = [requests.get(chat_server.base_url + "/chat/roles", timeout=5) for _ in range(20)]
+    assert {a.status_code for a in answers} == {200}
+    bodies = {a.text for a in answers}
+    assert len(bodies) == 1 and json.loads(bodies.pop())["roles"]

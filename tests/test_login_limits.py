@@ -8,8 +8,7 @@ import sys
 import pytest
 
 from tests.conftest import dysms_env
-from tests.servers import ROOT, Client, base_env, random_ip, random_phone
-from tests.test_login import assert_error
+from tests.helpers import ROOT, Client, assert_error, base_env, random_ip, random_phone
 
 
 def test_resend_cooldown(login):

@@ -28,7 +28,7 @@ from referencing.jsonschema import DRAFT202012
 from schemathesis.specs.openapi import checks as openapi_checks
 
 from tests.conftest import IN_CI, chat_env
-from tests.servers import LAYER, ROOT, TEST_SECRET, ServerProcess, random_phone
+from tests.helpers import LAYER, ROOT, TEST_SECRET, ServerProcess, random_phone
 
 SPEC_PATH = ROOT / "docs" / "openapi.yaml"
 CONTRACT_PATH = ROOT.parent / "shared" / "contract" / "aichat-api.md"

@@ -1,13 +1,14 @@
-"""Real server processes for black-box tests: each FC function under gunicorn on a loopback port."""
+"""Test helpers: real server processes (each FC function under gunicorn on loopback), clients, SSE reading,
+the contract's error check and direct database reads. Fixtures live in conftest.py."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import requests
+
+from dev.launch import function_dir, gunicorn
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYER = ROOT / "layers" / "common" / "python"
@@ -57,12 +60,8 @@ class ServerProcess:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_dir / f"{function}-{self.port}.log"
         self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", "python:aichat.gunicorn_conf", "app:app"],
-            cwd=ROOT / "functions" / function,
-            env={**env, "AICHAT_BIND": f"127.0.0.1:{self.port}"},
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
+        self.proc = gunicorn(
+            function_dir(function), port=self.port, env=env, stdout=self._log, stderr=subprocess.STDOUT
         )
 
     def wait_ready(self, path: str, timeout_s: float = 20) -> ServerProcess:
@@ -195,3 +194,46 @@ def query(db_url: str, sql: str, params: tuple = ()) -> list[tuple]:
             return [tuple(row) for row in cur.fetchall()]
     finally:
         conn.close()
+
+
+PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
+JPEG = b"\xff\xd8\xff\xe0" + b"\x00" * 64
+
+
+def assert_error(res, status: int, code: str) -> dict:
+    """The contract's error shape, with the expected status and code."""
+    assert res.status_code == status, res.text
+    assert res.headers["Content-Type"] == "application/json; charset=utf-8"
+    body = res.json()
+    assert body["success"] is False and body["code"] == code
+    assert isinstance(body["message"], str) and body["message"]
+    return body
+
+
+def send_and_read_code(client: Client, fake_dysms, phone: str, country_code: str = "86") -> str:
+    """Ask for a code and read it off the fake SMS gateway."""
+    res = client.post("/send_code", {"phone_number": phone, "country_code": country_code})
+    assert res.status_code == 200, res.text
+    number = phone if country_code == "86" else country_code + phone
+    code = fake_dysms.last_code(number)
+    assert code is not None and re.fullmatch(r"[0-9]{6}", code)
+    return code
+
+
+def stream(client: Client, body: dict, **kw) -> requests.Response:
+    """POST /chat/stream without reading the body yet."""
+    return client.post("/chat/stream", body, stream=True, **kw)
+
+
+def chat_once(client: Client, body: dict) -> list[str]:
+    """Send one message and read the whole reply."""
+    res = stream(client, body)
+    assert res.status_code == 200, res.text
+    return read_stream(res)
+
+
+def history(client: Client, role_code: str = "naitang") -> list[dict]:
+    """The user's history with a role."""
+    res = client.get("/chat/history", params={"role_code": role_code})
+    assert res.status_code == 200, res.text
+    return res.json()["messages"]
