@@ -6,13 +6,16 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+from aichat.config import Settings
+from flask.testing import FlaskClient
 
 from dev.fake_dysms import FakeDysms
 from dev.fake_llm import FakeLLM
-from tests.helpers import Client, ServerProcess, base_env, random_phone
+from tests.helpers import TEST_SECRET, Client, ServerProcess, base_env, load_function, random_phone
 
 MYSQL_URL = os.environ.get("AICHAT_TEST_MYSQL_URL", "")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -151,6 +154,41 @@ def chat_env(fake: FakeLLM, db_url: str, **overrides: object) -> dict[str, objec
         "AICHAT_LLM_READ_TIMEOUT": "5",
         **overrides,
     }
+
+
+@pytest.fixture(scope="session")
+def chat_module(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """functions/chat/app.py imported into the test process, for build_app() with settings of a test's own."""
+    db = tmp_path_factory.mktemp("import-db") / "aichat.db"
+    return load_function("chat", {"AICHAT_JWT_SECRET": TEST_SECRET, "AICHAT_DB_URL": f"sqlite:///{db}"})
+
+
+@pytest.fixture
+def chat_app(chat_module, db_url, fake_llm) -> Callable[..., FlaskClient]:
+    """An in-process ChatService (Flask's test client) on the backend under test, with settings overrides.
+
+    For what does not cross the wire (validation, context assembly, settings): no server process to start.
+    """
+    apps: list[Any] = []
+
+    def make(**overrides: Any) -> FlaskClient:
+        values: dict[str, Any] = {
+            "service": "chat",
+            "env": "test",
+            "jwt_secret": TEST_SECRET,
+            "db_url": db_url,
+            "llm_base_url": fake_llm.base_url,
+            "llm_api_key": "test-llm-key",
+            "roles_file": ROLES_FILE,
+            "llm_read_timeout_s": 5.0,
+            "trust_proxy": True,
+            **overrides,
+        }
+        app = chat_module.build_app(Settings(**values))
+        apps.append(app)
+        return app.test_client()
+
+    return make
 
 
 @pytest.fixture(scope="session")

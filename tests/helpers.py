@@ -237,3 +237,39 @@ def history(client: Client, role_code: str = "naitang") -> list[dict]:
     res = client.get("/chat/history", params={"role_code": role_code})
     assert res.status_code == 200, res.text
     return res.json()["messages"]
+
+
+def load_function(function: str, env: dict[str, str]) -> Any:
+    """functions/<function>/app.py as a module of its own name (both are `app.py`), imported under `env`."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"fc_{function}_app", function_dir(function) / "app.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return module
+
+
+def events_of(body: bytes) -> list[dict]:
+    """The JSON payloads of a whole SSE body (without [DONE]), for in-process test clients."""
+    payloads = [line[6:] for line in body.decode().split("\n") if line.startswith("data: ")]
+    assert payloads and payloads[-1] == "[DONE]", body[-300:]
+    return [json.loads(p) for p in payloads[:-1]]
+
+
+def post_stream(client: Any, path: str, body: dict, token: str) -> tuple[int, bytes]:
+    """POST to an in-process app's streamed operation, read the whole body and close it (as a WSGI server does)."""
+    res = client.post(path, json=body, headers={"Authorization": f"Bearer {token}"})
+    try:
+        return res.status_code, res.get_data()
+    finally:
+        res.close()

@@ -214,6 +214,7 @@ def test_no_thread_or_connection_leaks_after_200_faulty_streams(start_server, db
         res = client.post("/chat/stream", {"role_code": "naitang", "message": f"#{i}"}, stream=True)
         assert res.status_code in (200, 502), res.text
         if disconnect:
+            assert res.status_code == 200, (i, res.text)
             next(sse_events(res))
             res.close()
         else:
@@ -222,6 +223,7 @@ def test_no_thread_or_connection_leaks_after_200_faulty_streams(start_server, db
 
     def slow_ok(_: int) -> None:
         res = client.post("/chat/stream", {"role_code": "naitang", "message": "warm-up"}, stream=True)
+        assert res.status_code == 200, res.text
         res.content  # noqa: B018 - read the whole response
 
     worker = _worker_pid(server.proc.pid)

@@ -46,9 +46,13 @@ class EventParser:
         self._data: list[bytes] = []
         self._size = 0
         self._at_start = True
+        self._after_cr = False  # the last chunk ended in CR: a LF opening the next one completes that CRLF
 
     def feed(self, chunk: bytes) -> list[bytes]:
         """Take the next bytes; return the data of every event they complete, in order."""
+        if self._after_cr and chunk[:1] == b"\n":
+            chunk = chunk[1:]
+        self._after_cr = False
         buffer = self._buffer + chunk if self._buffer else chunk
         if self._at_start:
             if len(buffer) < len(_BOM) and _BOM.startswith(buffer):
@@ -61,10 +65,10 @@ class EventParser:
         pos = 0
         end = len(buffer)
         for match in _LINE_END.finditer(buffer):
-            if match.end() == end and match.group() == b"\r":
-                break  # a CR at the very end may be the first half of a CRLF: wait for the next byte
             self._line(buffer[pos : match.start()], events)
             pos = match.end()
+        # A CR at the very end ends its line now (no waiting); if it was half of a CRLF, the LF is dropped.
+        self._after_cr = pos == end and end > 0 and buffer[-1:] == b"\r"
         self._buffer = buffer[pos:]
         if len(self._buffer) + self._size > self._max:
             raise EventTooLong("upstream event too long")

@@ -66,7 +66,8 @@ def _claim_cooldown(tx: Tx, *, settings: Settings, phone: Phone, now: int) -> No
         return
     row = tx.one("SELECT until_ms FROM send_cooldowns WHERE phone_key = ?" + tx.for_update, (phone.key,))
     if row is None:
-        if tx.insert_unique("INSERT INTO send_cooldowns (phone_key, until_ms) VALUES (?, ?)", (phone.key, until)):
+        claimed = tx.insert_unique("INSERT INTO send_cooldowns (phone_key, until_ms) VALUES (?, ?)", (phone.key, until))
+        if claimed is not None:  # (its "id" is 0 on MySQL: the table has no AUTO_INCREMENT column)
             return
         row = {"until_ms": until}  # another instance claimed it a moment ago
     raise rate_limited(row["until_ms"] - now, "验证码发送过于频繁，请稍后再试")

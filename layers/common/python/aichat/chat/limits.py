@@ -25,6 +25,9 @@ class ChatLimiter(Protocol):
     def acquire(self, tx: Tx, *, uid: str) -> int:
         """Count one message and take a stream slot, or raise 429 RateLimited; returns the slot's id."""
 
+    def keep(self, slot_id: int) -> None:
+        """The slot's transaction committed: keep its lease alive until release()."""
+
     def release(self, slot_id: int) -> None:
         """Give a slot back (never raises)."""
 
@@ -65,11 +68,9 @@ class DbChatLimiter:
         # Events older than the window are never read again; trimming here keeps the table small.
         tx.execute("DELETE FROM chat_events WHERE uid = ? AND created_at <= ?", (uid, now - MINUTE_MS))
         tx.insert("INSERT INTO chat_events (uid, created_at) VALUES (?, ?)", (uid, now))
-        slot_id = tx.insert(
+        return tx.insert(
             "INSERT INTO stream_slots (uid, expires_at) VALUES (?, ?)", (uid, now + s.stream_lease_s * 1000)
         )
-        self._hold(slot_id)
-        return slot_id
 
     def release(self, slot_id: int) -> None:
         """Free a slot; if the database is down, its lease runs out by itself."""
@@ -82,7 +83,8 @@ class DbChatLimiter:
             log.error("could not release a stream slot", extra={"slot_id": slot_id})
 
     # -- the lease keeper ----------------------------------------------------------------------------
-    def _hold(self, slot_id: int) -> None:
+    def keep(self, slot_id: int) -> None:
+        """Renew this slot's lease while the stream runs (a process-wide thread, one UPDATE per period)."""
         with self._lock:
             self._held.add(slot_id)
             if self._keeper is None:

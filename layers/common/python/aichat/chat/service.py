@@ -127,14 +127,17 @@ class ChatService:
         if not self.llm.api_key:
             raise ApiError("MissingApiKey")
         with self.db.tx() as tx:
+            # The limiter locks the user's row first: one user's turns are serialised from here, so two
+            # first messages to a role cannot race to create its default conversation (an InnoDB deadlock).
+            slot_id = self.limiter.acquire(tx, uid=uid)
             conversation = resolve(tx, uid=uid, target=target, create=True)
             assert conversation is not None
             role = self.roles.get(conversation.role_code)
-            slot_id = self.limiter.acquire(tx, uid=uid)
             turn, message_id = write(tx, conversation)
             history = messages.context(
                 tx, conversation_id=conversation.id, before_id=message_id, limit=self.settings.history_max_messages
             )
+        self.limiter.keep(slot_id)
         release = partial(self.limiter.release, slot_id)
         payload = self._payload(role, conversation, turn, history)
         try:

@@ -80,7 +80,8 @@ class Tx:
             cur.close()
 
     def insert_unique(self, sql: str, params: Sequence[Any] = ()) -> int | None:
-        """Run an INSERT; return the new row's id, or None when a unique key already holds those values.
+        """Run an INSERT; return the new row's id (0 for a table without one on MySQL), or None when a unique
+        key already holds those values.
 
         Both dialects keep the transaction usable after a duplicate-key error, so callers can go on.
         """
