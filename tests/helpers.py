@@ -273,3 +273,52 @@ def post_stream(client: Any, path: str, body: dict, token: str) -> tuple[int, by
         return res.status_code, res.get_data()
     finally:
         res.close()
+
+
+class AppResponse:
+    """A requests-like view of a Flask test response, read whole and closed (the WSGI server's part)."""
+
+    def __init__(self, response: Any) -> None:
+        try:
+            self.content: bytes = response.get_data()
+        finally:
+            response.close()
+        self.status_code: int = response.status_code
+        self.headers = response.headers
+        self.text = self.content.decode("utf-8", errors="replace")
+
+    def json(self) -> Any:
+        """The body as JSON."""
+        return json.loads(self.content)
+
+    def iter_content(self, chunk_size: int | None = None) -> Iterator[bytes]:
+        """The body (already complete) as one chunk."""
+        yield self.content
+
+    def close(self) -> None:
+        """Nothing left open."""
+
+
+class AppClient:
+    """Client's interface over an in-process app (Flask's test client): no server process, no socket."""
+
+    def __init__(self, app_client: Any, *, token: str | None = None) -> None:
+        self.app_client = app_client
+        self.token = token
+
+    def headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        """The bearer token, once logged in."""
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        headers.update(extra or {})
+        return headers
+
+    def get(self, path: str, params: dict | None = None, **_: Any) -> AppResponse:
+        """GET a path."""
+        return AppResponse(self.app_client.get(path, query_string=params or {}, headers=self.headers()))
+
+    def post(self, path: str, body: Any = None, **kw: Any) -> AppResponse:
+        """POST a JSON body (or raw `data=`) to a path."""
+        headers = self.headers(kw.get("headers"))
+        if "data" in kw:
+            return AppResponse(self.app_client.post(path, data=kw["data"], headers=headers))
+        return AppResponse(self.app_client.post(path, json=body, headers=headers))

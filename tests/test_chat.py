@@ -18,6 +18,7 @@ from tests.helpers import (
     JPEG,
     PNG,
     TEST_SECRET,
+    AppClient,
     Client,
     assert_error,
     chat_once,
@@ -168,10 +169,9 @@ class TestStream:
         ]
         assert stored[2]["content"] == ""
 
-    def test_context_budget_edges(self, start_server, db_url, fake_llm, new_user):
+    def test_context_budget_edges(self, chat_app, fake_llm, new_user):
         context = 2000
-        server = start_server("chat", **chat_env(fake_llm, db_url, AICHAT_CONTEXT_TOKENS=context))
-        client = Client(server.base_url, token=new_user()[1])
+        client = AppClient(chat_app(context_tokens=context), token=new_user()[1])
         for text in ("一二三四五六", "seven eight nine ten", "甲乙", "😺🐟"):
             fake_llm.enqueue(chunks=["好的"])
             chat_once(client, {"role_code": "naitang", "message": text})
@@ -197,9 +197,8 @@ class TestStream:
                 assert sent[:2] == head and sent[-1] == turn
                 assert sent[2:-1] == list(reversed(newest[:expected])), (keep, slack)
 
-    def test_prompt_and_opening_kept_when_nothing_else_fits(self, start_server, db_url, fake_llm, new_user):
-        server = start_server("chat", **chat_env(fake_llm, db_url, AICHAT_CONTEXT_TOKENS=50))
-        client = Client(server.base_url, token=new_user()[1])
+    def test_prompt_and_opening_kept_when_nothing_else_fits(self, chat_app, fake_llm, new_user):
+        client = AppClient(chat_app(context_tokens=50), token=new_user()[1])
         chat_once(client, {"role_code": "naitang", "message": "第一句"})
         fake_llm.reset()
         chat_once(client, {"role_code": "naitang", "message": "第二句"})
@@ -244,11 +243,8 @@ class TestUpstreamFailures:
         # The user's message is kept.
         assert [(m["sender_role"], m["content"]) for m in history(user)] == [("user", "在吗")]
 
-    def test_connection_refused(self, start_server, db_url, fake_llm, new_user):
-        server = start_server(
-            "chat", **chat_env(fake_llm, db_url, AICHAT_LLM_BASE_URL=f"http://127.0.0.1:{free_port()}")
-        )
-        client = Client(server.base_url, token=new_user()[1])
+    def test_connection_refused(self, chat_app, fake_llm, new_user):
+        client = AppClient(chat_app(llm_base_url=f"http://127.0.0.1:{free_port()}"), token=new_user()[1])
         assert_error(client.post("/chat/stream", {"role_code": "naitang", "message": "x"}), 502, "NetworkError")
 
     def test_read_timeout_before_first_byte(self, start_server, db_url, fake_llm, new_user):
@@ -376,16 +372,14 @@ class TestValidation:
         }
         assert chat_once(user, body)[-1] == "[DONE]"
 
-    def test_image_size_cap(self, start_server, db_url, fake_llm, new_user):
-        server = start_server("chat", **chat_env(fake_llm, db_url, AICHAT_IMAGE_MAX_BYTES=1024))
-        client = Client(server.base_url, token=new_user()[1])
+    def test_image_size_cap(self, chat_app, fake_llm, new_user):
+        client = AppClient(chat_app(image_max_bytes=1024), token=new_user()[1])
         big = base64.b64encode(PNG + b"\x00" * 2048).decode()
         assert_error(client.post("/chat/stream", {"role_code": "naitang", "image_base64": big}), 400, "InvalidImage")
 
-    def test_missing_api_key(self, start_server, db_url, new_user):
-        server = start_server("chat", AICHAT_DB_URL=db_url, AICHAT_ROLES_FILE=ROLES_FILE)
+    def test_missing_api_key(self, chat_app, db_url, new_user):
         uid, token = new_user()
-        client = Client(server.base_url, token=token)
+        client = AppClient(chat_app(llm_api_key=""), token=token)
         for path in ("/chat/stream", "/chat/send"):
             assert_error(client.post(path, {"role_code": "naitang", "message": "hi"}), 500, "MissingApiKey")
         # Refused before anything was written: no message, no counted event, no slot, no conversation.

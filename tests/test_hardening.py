@@ -18,12 +18,12 @@ from tests.helpers import PNG, Client, assert_error, chat_once, history, read_st
 from tests.tcpproxy import TcpProxy
 
 
-@pytest.fixture
-def limited_chat(start_server, db_url, fake_llm):
-    """A ChatService with small per-user limits."""
+@pytest.fixture(scope="module")
+def limited_chat(start_server, db_url, fake_llm_server):
+    """A ChatService with small per-user limits (each test brings its own users)."""
     return start_server(
         "chat",
-        **chat_env(fake_llm, db_url, AICHAT_CHAT_MESSAGES_PER_MINUTE=3, AICHAT_CHAT_MAX_CONCURRENT_STREAMS=2),
+        **chat_env(fake_llm_server, db_url, AICHAT_CHAT_MESSAGES_PER_MINUTE=3, AICHAT_CHAT_MAX_CONCURRENT_STREAMS=2),
     )
 
 

@@ -68,7 +68,8 @@ class ConversationApi:
         """POST /chat/conversations: a new conversation with a role."""
         role = self.roles.get(body.get("role_code"))
         title = input.title(body.get("title"))
-        settings = input.conversation_settings(body["settings"], self.settings) if body.get("settings") else {}
+        raw_settings = body.get("settings")
+        settings = input.conversation_settings(raw_settings, self.settings) if raw_settings is not None else {}
         with self.db.tx() as tx:
             conversation = conversations.create(tx, uid=uid, role_code=role.role_code, title=title, settings=settings)
         return {"success": True, "conversation": self.present(conversation, 0)}
