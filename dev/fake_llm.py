@@ -2,6 +2,30 @@
 
 Never shipped to production.  Run standalone with ``python dev/fake_llm.py --port 0 --delay 0.03`` or embed
 ``FakeLLM`` in tests; both can be scripted (in-process via ``enqueue`` or over HTTP via ``POST /_script``).
+
+Each script (``FakeLLM.enqueue(**script)`` or the JSON body of ``POST /_script``) answers one chat request; an
+unscripted request gets the default echo reply.  Keys (all optional):
+
+Reply: ``text`` (split into word-sized pieces) or ``chunks`` (the content pieces, one per frame); ``reasoning``
+(streamed first as ``reasoning_content``); ``usage`` (forced usage object; otherwise it is sent only when the
+request asks with ``stream_options.include_usage``); ``no_done`` (end without ``data: [DONE]``).
+
+Timing: ``delay`` (seconds before each reasoning or content frame; the server default otherwise), ``first_byte_delay``
+(before the status line), ``headers_then_delay`` (after the headers, before the first frame).
+
+Faults: ``status`` + ``body`` (a non-200 reply with that JSON object or plain-text body); after N frames
+``malformed_after`` (a ``data: {not json`` event), ``overlong_after`` (a valid event whose single ``data:``
+line is ``overlong_bytes`` long), ``drop_after`` (cut the connection mid-body), ``hang_after`` (stall until the
+client leaves or the server stops).
+
+SSE framing of a streamed reply (every fault above still applies; a non-stream or error reply is unaffected):
+``line_ending`` -- ``"\\n"`` (default), ``"\\r\\n"`` or ``"\\r"``, ending every line of every event, the blank
+separator line included; ``bom`` -- the body starts with a UTF-8 BOM (``EF BB BF``); ``multiline`` -- each JSON
+event is pretty-printed (``json.dumps(indent=1)``) and sent as one ``data:`` line per line, so it is valid JSON
+again once the lines are joined with ``"\\n"`` (the malformed and overlong events stay one line);
+``comments`` -- a ``: keep-alive`` comment block (the comment line plus a blank line) before every event but
+the first; ``gzip`` -- ``Content-Encoding: gzip``, the body compressed as one gzip stream that is sync-flushed
+after every event (so events still arrive one by one) and finished with the compressor's final flush.
 """
 
 from __future__ import annotations
@@ -17,7 +41,9 @@ import sys
 import threading
 import time
 import uuid
+import zlib
 from collections import deque
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -25,9 +51,16 @@ CHAT_PATHS = frozenset({"/chat/completions", "/v1/chat/completions", "/compatibl
 
 _INT_KEYS = ("status", "drop_after", "malformed_after", "overlong_after", "hang_after", "overlong_bytes")
 _FLOAT_KEYS = ("delay", "first_byte_delay", "headers_then_delay")
-SCRIPT_KEYS = frozenset(_INT_KEYS + _FLOAT_KEYS + ("body", "text", "chunks", "no_done", "reasoning", "usage"))
+_BOOL_KEYS = ("bom", "multiline", "gzip", "comments")
+SCRIPT_KEYS = frozenset(
+    _INT_KEYS + _FLOAT_KEYS + _BOOL_KEYS + ("body", "text", "chunks", "no_done", "reasoning", "usage", "line_ending")
+)
+LINE_ENDINGS = ("\n", "\r\n", "\r")
 DEFAULT_OVERLONG_BYTES = 2_000_000
 MALFORMED_FRAME = b"data: {not json\n\n"
+MALFORMED_LINE = MALFORMED_FRAME.rstrip(b"\n")
+BOM = b"\xef\xbb\xbf"
+KEEP_ALIVE_LINE = b": keep-alive"
 
 # ASCII words (with their leading space) or 1-3 other characters per frame, like a tokenizer would.
 _PIECE_RE = re.compile(r"\s*[A-Za-z0-9_'-]+|\s*[^\sA-Za-z0-9_'-]{1,3}|\s+")
@@ -68,6 +101,11 @@ def validate_script(script: Any) -> dict[str, Any]:
         raise ValueError("usage must be an object")
     if script.get("body") is not None and not isinstance(script["body"], (dict, list, str)):
         raise ValueError("body must be a JSON object or a string")
+    for key in _BOOL_KEYS:
+        if script.get(key) is not None and not isinstance(script[key], bool):
+            raise ValueError(f"{key} must be a boolean")
+    if script.get("line_ending") is not None and script["line_ending"] not in LINE_ENDINGS:
+        raise ValueError(f"line_ending must be one of {list(LINE_ENDINGS)}")
     return dict(script)
 
 
@@ -113,6 +151,46 @@ def _prompt_chars(messages: Any) -> int:
     if not isinstance(messages, list):
         return 0
     return sum(len(_message_text(m.get("content"))[0]) for m in messages if isinstance(m, dict))
+
+
+class _Framer:
+    """Turns the lines of each SSE event into body bytes per a script's framing keys and writes them out."""
+
+    def __init__(self, script: dict[str, Any], write: Callable[[bytes], None]) -> None:
+        """Read the framing keys; `write` sends one piece of the body (never called with b"")."""
+        self._write = write
+        self._eol = (script.get("line_ending") or "\n").encode()
+        self.multiline = bool(script.get("multiline"))
+        self._comments = bool(script.get("comments"))
+        self._bom = bool(script.get("bom"))
+        self.gzip = bool(script.get("gzip"))
+        self._compressor = zlib.compressobj(wbits=31) if self.gzip else None
+        self._events = 0
+
+    def json_event(self, obj: Any) -> None:
+        """Send one `data:` event carrying obj as JSON (pretty-printed over several lines when multiline)."""
+        text = json.dumps(obj, ensure_ascii=False, indent=1) if self.multiline else _dumps(obj)
+        self.event([b"data: " + line.encode() for line in text.split("\n")])
+
+    def event(self, lines: list[bytes]) -> None:
+        """Send one event made of `lines` (without line endings), then its blank separator line."""
+        data = b""
+        if self._events == 0 and self._bom:
+            data += BOM
+        if self._events > 0 and self._comments:
+            data += KEEP_ALIVE_LINE + self._eol + self._eol
+        data += b"".join(line + self._eol for line in lines) + self._eol
+        self._events += 1
+        if self._compressor is not None:
+            data = self._compressor.compress(data) + self._compressor.flush(zlib.Z_SYNC_FLUSH)
+        self._write(data)
+
+    def finish(self) -> None:
+        """End the body's encoding (the gzip trailer); the caller then sends the terminating chunk."""
+        if self._compressor is not None:
+            tail = self._compressor.flush()
+            if tail:
+                self._write(tail)
 
 
 class _Abort(Exception):
@@ -376,9 +454,10 @@ class _Handler(BaseHTTPRequestHandler):
             "model": body.get("model") or "fake-llm",
         }
 
+        framer = _Framer(script, self._send_chunk)
+
         def event(choices: list[dict[str, Any]], **extra: Any) -> None:
-            frame = {**base, "choices": choices, **extra, "x_sent_at": time.time()}
-            self._send_chunk(f"data: {_dumps(frame)}\n\n".encode())
+            framer.json_event({**base, "choices": choices, **extra, "x_sent_at": time.time()})
 
         frames: list[tuple[dict[str, Any], str | None]] = [({"reasoning_content": p}, None) for p in reasoning]
         frames += [({"content": p}, None) for p in content]
@@ -391,35 +470,38 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
         self.send_header("Cache-Control", "no-cache")
+        if framer.gzip:
+            self.send_header("Content-Encoding", "gzip")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         self.wfile.flush()
         self._pause(script.get("headers_then_delay", 0))
         event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-        self._inject(script, 0, total, base)
+        self._inject(script, 0, total, base, framer)
         for sent, (delta, finish_reason) in enumerate(frames, start=1):
             self._pause(delay)
             event([{"index": 0, "delta": delta, "finish_reason": finish_reason}])
-            self._inject(script, sent, total, base)
+            self._inject(script, sent, total, base, framer)
         stream_options = body.get("stream_options")
         wants_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
         if wants_usage or script.get("usage") is not None:
             completion_chars = len("".join(reasoning)) + len("".join(content))
             event([], usage=self._usage(body, script, completion_chars))
         if not script.get("no_done"):
-            self._send_chunk(b"data: [DONE]\n\n")
+            framer.event([b"data: [DONE]"])
+        framer.finish()
         self._send_chunk(b"")
 
-    def _inject(self, script: dict[str, Any], sent: int, total: int, base: dict[str, Any]) -> None:
+    def _inject(self, script: dict[str, Any], sent: int, total: int, base: dict[str, Any], framer: _Framer) -> None:
         """Apply the faults scripted to happen after `sent` frames (counts beyond the end clip to the end)."""
 
         def due(key: str) -> bool:
             return script.get(key) is not None and min(script[key], total) == sent
 
         if due("malformed_after"):
-            self._send_chunk(MALFORMED_FRAME)
+            framer.event([MALFORMED_LINE])
         if due("overlong_after"):
-            self._send_chunk(_overlong_frame(base, script.get("overlong_bytes", DEFAULT_OVERLONG_BYTES)))
+            framer.event([_overlong_line(base, script.get("overlong_bytes", DEFAULT_OVERLONG_BYTES))])
         if due("drop_after"):
             with contextlib.suppress(OSError):
                 self.connection.shutdown(socket.SHUT_RDWR)
@@ -428,13 +510,13 @@ class _Handler(BaseHTTPRequestHandler):
             self._pause(math.inf)
 
 
-def _overlong_frame(base: dict[str, Any], size: int) -> bytes:
-    """Return a valid `data:` line of exactly `size` bytes (plus the blank line), padded in an extra field."""
+def _overlong_line(base: dict[str, Any], size: int) -> bytes:
+    """Return a valid `data:` line of exactly `size` bytes (without its line ending), padded in an extra field."""
     frame = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": None}], "x_padding": ""}
     head = f"data: {_dumps(frame)}".encode()
     padding = max(0, size - len(head))
     frame["x_padding"] = "x" * padding
-    return f"data: {_dumps(frame)}\n\n".encode()
+    return f"data: {_dumps(frame)}".encode()
 
 
 def _error_body(message: str, type_: str, code: str | None = None) -> dict[str, Any]:

@@ -322,3 +322,51 @@ class AppClient:
         if "data" in kw:
             return AppResponse(self.app_client.post(path, data=kw["data"], headers=headers))
         return AppResponse(self.app_client.post(path, json=body, headers=headers))
+
+
+def worker_pid(master_pid: int) -> int:
+    """The pid of a gunicorn master's (single) worker process."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == master_pid:
+            return int(stat.parent.name)
+    raise AssertionError("no gunicorn worker found")
+
+
+class DbLock:
+    """Another connection holding a write lock on a table (SQLite: the whole file) until the block ends."""
+
+    def __init__(self, db_url: str, table: str) -> None:
+        self.db_url = db_url
+        self.table = table
+
+    def __enter__(self) -> DbLock:
+        if self.db_url.startswith("sqlite:///"):
+            import sqlite3
+
+            self.conn = sqlite3.connect(self.db_url[len("sqlite:///") :], isolation_level=None, timeout=10)
+            self.conn.execute("BEGIN EXCLUSIVE")
+        else:
+            from urllib.parse import urlsplit
+
+            import pymysql
+
+            parts = urlsplit(self.db_url)
+            self.conn = pymysql.connect(
+                host=parts.hostname, port=parts.port or 3306, user=parts.username or "root",
+                password=parts.password or "", database=parts.path.lstrip("/"),
+            )  # fmt: skip
+            with self.conn.cursor() as cur:
+                cur.execute(f"LOCK TABLES {self.table} WRITE")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.db_url.startswith("sqlite:///"):
+            self.conn.execute("ROLLBACK")
+        else:
+            with self.conn.cursor() as cur:
+                cur.execute("UNLOCK TABLES")
+        self.conn.close()

@@ -426,8 +426,10 @@ print(json.dumps({
     "path": sys.path,
     "routes": [[rule.rule, sorted(rule.methods)] for rule in app.app.url_map.iter_rules()],
     "health": client.get(sys.argv[2]).status_code,
-    "initialize": client.post("/initialize").status_code,
-    "pre_stop": client.get("/pre-stop").status_code,
+    "initialize": client.post("/initialize", headers={"x-fc-control-path": "/initialize"}).status_code,
+    "pre_stop": client.get("/pre-stop", headers={"x-fc-control-path": "/pre-stop"}).status_code,
+    "initialize_public": client.post("/initialize").status_code,
+    "pre_stop_public": client.get("/pre-stop").status_code,
 }))
 """
 
@@ -487,6 +489,8 @@ def test_health_check_and_hooks_are_served(imported, rendered, function):
     assert (health, "GET") in routes and info["health"] == 200
     assert ("/initialize", "POST") in routes and info["initialize"] == 200
     assert ("/pre-stop", "GET") in routes and info["pre_stop"] == 200
+    # Through the public trigger (no FC control path) they are like any unknown path.
+    assert info["initialize_public"] == info["pre_stop_public"] == 404
 
 
 @pytest.mark.skipif(

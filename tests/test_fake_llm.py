@@ -9,7 +9,9 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Iterator
+from http.client import HTTPConnection
 from pathlib import Path
 from typing import Any
 
@@ -262,3 +264,200 @@ def test_cli_runs_and_exits_on_sigterm(http: requests.Session) -> None:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+# --- SSE framing keys: line_ending, bom, multiline, gzip, comments ---------------------------------------------
+
+
+def _raw_stream(fake: FakeLLM, **script: Any) -> tuple[dict[str, str], list[bytes]]:
+    """Run one scripted streaming request over a raw socket; return the lower-cased headers and chunk payloads."""
+    fake.enqueue(**script)
+    body = json.dumps({"model": "qwen-plus", "messages": MESSAGES, "stream": True}).encode()
+    head = (
+        f"POST /chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", fake.port), timeout=5) as sock:
+        sock.sendall(head + body)
+        raw = b""
+        while data := sock.recv(65536):
+            raw += data
+    header_blob, _, payload = raw.partition(b"\r\n\r\n")
+    status, *lines = header_blob.decode().split("\r\n")
+    assert status == "HTTP/1.1 200 OK"
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    return headers, _parse_chunked(payload)
+
+
+def _events(body: bytes, eol: bytes = b"\n") -> list[list[bytes]]:
+    """Split an SSE body into events (lists of lines), checking it uses only `eol` and ends on a blank line."""
+    others = {b"\n", b"\r\n", b"\r"} - {eol}
+    assert all(other not in body.replace(eol, b"") for other in others), "a foreign line ending"
+    assert body.endswith(eol + eol)
+    return [block.split(eol) for block in body[: -2 * len(eol)].split(eol + eol)]
+
+
+def _event_data(lines: list[bytes]) -> str:
+    """The event's data lines joined with LF, as an SSE parser reads them."""
+    return "\n".join(line[6:].decode() for line in lines if line.startswith(b"data: "))
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("line_ending", "\n\n"),
+        ("line_ending", "crlf"),
+        ("line_ending", 1),
+        ("bom", "yes"),
+        ("bom", 1),
+        ("multiline", 0),
+        ("gzip", "true"),
+        ("comments", [True]),
+    ],
+)
+def test_framing_keys_are_validated(fake: FakeLLM, http: requests.Session, key: str, value: Any) -> None:
+    """Bad framing values are refused both in-process and over /_script."""
+    with pytest.raises(ValueError, match=key):
+        fake.enqueue(**{key: value})
+    resp = http.post(f"{fake.base_url}/_script", json={key: value}, timeout=5)
+    assert resp.status_code == 400 and key in resp.json()["error"]["message"]
+
+
+def test_framing_keys_accept_good_values(fake: FakeLLM) -> None:
+    """Every documented value is accepted."""
+    for eol in ("\n", "\r\n", "\r"):
+        fake.enqueue(line_ending=eol, bom=True, multiline=False, gzip=True, comments=True)
+
+
+@pytest.mark.parametrize("eol", ["\n", "\r\n", "\r"])
+def test_line_ending_ends_every_line(fake: FakeLLM, eol: str) -> None:
+    """Every line, the blank separators included, ends in the scripted line ending; one event per chunk."""
+    _, chunks = _raw_stream(fake, chunks=["一", "二", "三"], line_ending=eol)
+    end = eol.encode()
+    assert all(chunk.endswith(end * 2) and chunk.count(end * 2) == 1 for chunk in chunks)
+    events = _events(b"".join(chunks), end)
+    assert all(len(lines) == 1 and lines[0].startswith(b"data: ") for lines in events)
+    assert _event_data(events[-1]) == "[DONE]"
+    assert _content([json.loads(_event_data(lines)) for lines in events[:-1]]) == "一二三"
+
+
+def test_bom_starts_the_stream_once(fake: FakeLLM) -> None:
+    """bom puts EF BB BF at the very start of the body, and nowhere else."""
+    _, chunks = _raw_stream(fake, chunks=["一", "二"], bom=True)
+    body = b"".join(chunks)
+    assert body.startswith(b"\xef\xbb\xbfdata: {") and body.count(b"\xef\xbb\xbf") == 1
+    events = _events(body[3:])
+    assert _content([json.loads(_event_data(lines)) for lines in events[:-1]]) == "一二"
+
+
+def test_multiline_splits_each_json_event(fake: FakeLLM) -> None:
+    """multiline sends each JSON event as several data: lines that are valid JSON once joined with LF."""
+    _, chunks = _raw_stream(fake, chunks=["一", "二", "三"], multiline=True, usage={"total_tokens": 3})
+    events = _events(b"".join(chunks))
+    assert events[-1] == [b"data: [DONE]"]
+    frames = []
+    for lines in events[:-1]:
+        assert len(lines) > 3 and all(line.startswith(b"data: ") for line in lines)
+        assert not any(line.startswith(b"data: {") and line.endswith(b"}") for line in lines)
+        frames.append(json.loads(_event_data(lines)))
+    assert _content(frames) == "一二三" and frames[-1]["usage"] == {"total_tokens": 3}
+    # Each event still begins with its own compact JSON object once joined.
+    assert all(f["object"] == "chat.completion.chunk" for f in frames)
+
+
+def test_comments_between_events(fake: FakeLLM) -> None:
+    """comments puts a `: keep-alive` comment block before every event but the first."""
+    _, chunks = _raw_stream(fake, chunks=["一", "二"], comments=True)
+    assert chunks[0].startswith(b"data: {")
+    assert all(chunk.startswith(b": keep-alive\n\ndata: ") for chunk in chunks[1:])
+    events = _events(b"".join(chunks))
+    data_events = [lines for lines in events if lines != [b": keep-alive"]]
+    assert len(events) - len(data_events) == len(chunks) - 1
+    assert _event_data(data_events[-1]) == "[DONE]"
+    assert _content([json.loads(_event_data(lines)) for lines in data_events[:-1]]) == "一二"
+
+
+def test_gzip_is_flushed_per_event(fake: FakeLLM) -> None:
+    """gzip: Content-Encoding is set; each chunk decompresses to exactly one whole event; the last ends the stream."""
+    headers, chunks = _raw_stream(fake, chunks=["一", "二", "三"], gzip=True)
+    assert headers["content-encoding"] == "gzip" and headers["transfer-encoding"] == "chunked"
+    assert chunks[0][:2] == b"\x1f\x8b"
+    decoder = zlib.decompressobj(wbits=31)
+    pieces = [decoder.decompress(chunk) for chunk in chunks]
+    assert decoder.eof and decoder.unused_data == b""
+    # The final chunk is only the compressor's flush (the gzip trailer); every other one is one event.
+    assert pieces[-1] == b""
+    assert all(piece.startswith(b"data: ") and piece.endswith(b"\n\n") for piece in pieces[:-1])
+    assert pieces[-2] == b"data: [DONE]\n\n"
+    assert zlib.decompress(b"".join(chunks), wbits=31) == b"".join(pieces)
+    events = _events(b"".join(pieces))
+    assert _content([json.loads(_event_data(lines)) for lines in events[:-1]]) == "一二三"
+
+
+def test_gzip_through_http_client(fake: FakeLLM) -> None:
+    """A plain http.client reader gets the gzip body as sent; requests would decode it transparently."""
+    fake.enqueue(chunks=["一", "二"], gzip=True, bom=True, line_ending="\r\n")
+    conn = HTTPConnection("127.0.0.1", fake.port, timeout=5)
+    try:
+        body = json.dumps({"model": "m", "messages": MESSAGES, "stream": True})
+        conn.request("POST", "/chat/completions", body, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.getheader("Content-Encoding") == "gzip"
+        decoded = zlib.decompress(resp.read(), wbits=31)
+    finally:
+        conn.close()
+    assert decoded.startswith(b"\xef\xbb\xbfdata: {")
+    events = _events(decoded[3:], b"\r\n")
+    assert _content([json.loads(_event_data(lines)) for lines in events[:-1]]) == "一二"
+
+
+def test_all_modes_combined_with_faults(fake: FakeLLM) -> None:
+    """Every framing key at once still carries the malformed, overlong, reasoning and no_done faults."""
+    _, chunks = _raw_stream(
+        fake,
+        chunks=["x", "y"],
+        reasoning="想",
+        no_done=True,
+        malformed_after=1,
+        overlong_after=2,
+        overlong_bytes=20_000,
+        line_ending="\r",
+        bom=True,
+        multiline=True,
+        gzip=True,
+        comments=True,
+    )
+    body = zlib.decompress(b"".join(chunks), wbits=31)
+    assert body.startswith(b"\xef\xbb\xbfdata: {")
+    events = [lines for lines in _events(body[3:], b"\r") if lines != [b": keep-alive"]]
+    assert events[2] == [b"data: {not json"]
+    overlong = [lines for lines in events if any(len(line) > 10_000 for line in lines)]
+    assert len(overlong) == 1 and len(overlong[0]) == 1 and len(overlong[0][0]) == 20_000
+    frames = [json.loads(_event_data(lines)) for lines in events if lines != [b"data: {not json"]]
+    assert "[DONE]" not in [_event_data(lines) for lines in events]
+    reasoning = "".join(f["choices"][0]["delta"].get("reasoning_content", "") for f in frames if f["choices"])
+    assert reasoning == "想" and _content(frames) == "xy"
+
+
+def test_drop_after_with_gzip(fake: FakeLLM, http: requests.Session) -> None:
+    """drop_after still cuts a gzip stream mid-body; what arrived decodes to the frames before the cut."""
+    fake.enqueue(chunks=["a", "b", "c", "d"], drop_after=2, gzip=True, line_ending="\r\n")
+    lines: list[str] = []
+    with _chat(http, fake.base_url) as resp, pytest.raises(requests.exceptions.ChunkedEncodingError):
+        assert resp.headers["Content-Encoding"] == "gzip"
+        for line in resp.iter_lines(decode_unicode=True):
+            lines.append(line)
+    assert _content(_frames(lines)) == "ab"
+
+
+def test_hang_after_with_gzip_delivers_frames_before_the_hang(fake: FakeLLM, http: requests.Session) -> None:
+    """Thanks to the per-event sync flush, a frame sent before a hang is readable while the stream hangs."""
+    fake.enqueue(chunks=["a", "b"], hang_after=1, gzip=True, multiline=True)
+    with _chat(http, fake.base_url) as resp:
+        decoder = zlib.decompressobj(wbits=31)
+        seen = b""
+        for chunk in resp.raw.stream(1024, decode_content=False):
+            seen += decoder.decompress(chunk)
+            if b'"content": "a"' in seen:
+                break
+        assert b'"content": "a"' in seen

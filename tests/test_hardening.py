@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from tests.conftest import chat_env, dysms_env
-from tests.helpers import PNG, Client, assert_error, chat_once, history, read_stream, sse_events, stream
+from tests.helpers import PNG, Client, assert_error, chat_once, history, read_stream, sse_events, stream, worker_pid
 from tests.tcpproxy import TcpProxy
 
 
@@ -172,17 +172,6 @@ class TestDatabaseOutage:
         assert login.post("/login", {"phone_number": "10086", "verify_code": "1234"}).status_code == 200
 
 
-def _worker_pid(master_pid: int) -> int:
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == master_pid:
-            return int(stat.parent.name)
-    raise AssertionError("no gunicorn worker found")
-
-
 def _threads_and_sockets(pid: int) -> tuple[int, int]:
     threads = len(os.listdir(f"/proc/{pid}/task"))
     sockets = sum(1 for fd in Path(f"/proc/{pid}/fd").iterdir() if os.readlink(fd).startswith("socket:"))
@@ -226,7 +215,7 @@ def test_no_thread_or_connection_leaks_after_200_faulty_streams(start_server, db
         assert res.status_code == 200, res.text
         res.content  # noqa: B018 - read the whole response
 
-    worker = _worker_pid(server.proc.pid)
+    worker = worker_pid(server.proc.pid)
     # Warm up: 8 overlapping streams grow gunicorn's thread pool (and each thread's DB connection) to
     # full size, then one round of every fault; only then is the baseline taken.
     for _ in range(8):

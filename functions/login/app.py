@@ -52,8 +52,8 @@ def build_app(settings: Settings | None = None, *, sms: Any = None, db: Any = No
 
     routes = [
         Route("login_health", "GET", "/health", "none", login_health),
-        Route("send_code", "POST", "/send_code", "none", send_code),
-        Route("login", "POST", "/login", "none", login),
+        Route("send_code", "POST", "/send_code", "none", send_code, json_only=True),
+        Route("login", "POST", "/login", "none", login, json_only=True),
         # Extensions beyond the contract (README, docs/openapi.yaml).
         Route("me", "GET", "/me", "bearer_jwt", me),
         Route("logout", "POST", "/logout", "bearer_jwt", logout),

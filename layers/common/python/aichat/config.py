@@ -55,6 +55,8 @@ class Settings:
     jwt_ttl_s: int = 604_800
     cors_origins: tuple[str, ...] = ("*",)
     trust_proxy: bool = False
+    # How many proxies in front append to X-Forwarded-For (FC's gateway: 1; a CDN or WAF in front adds one).
+    trusted_proxy_hops: int = 1
     log_level: str = "INFO"
     timezone: str = "Asia/Shanghai"
 
@@ -101,6 +103,18 @@ class Settings:
     # A stream's slot is released when it ends; its lease, renewed while the stream runs, frees the slot of
     # an instance that died mid-stream within this many seconds.
     stream_lease_s: int = 30
+    # The bounds of one reply: it ends as complete (finish_reason "length") past either.
+    reply_max_chars: int = 20_000
+    reply_max_seconds: float = 240.0  # below the chat function's timeout in s.yaml
+    # How often a streaming reply is stored as it grows (what a dying instance leaves behind).
+    reply_checkpoint_s: float = 2.0
+    # How long a reply's final save is retried (an RDS failover takes ~30 s) before it is spooled.
+    reply_save_window_s: float = 45.0
+    spool_dir: str = "/tmp/aichat-spool"  # noqa: S108 - FC's instance-local disk; a setting
+    # An SSE comment line is sent after this many seconds without a frame (idle-timeout middleboxes).
+    sse_heartbeat_s: float = 15.0
+    # The most a request (not a stream) waits on the database in all, over all its statements.
+    db_request_budget_s: float = 10.0
 
     def __post_init__(self) -> None:
         if not self.llm_models:
@@ -151,6 +165,7 @@ class Settings:
         for name in (
             "jwt_ttl_s",
             "db_pool_size",
+            "trusted_proxy_hops",
             "login_body_limit",
             "chat_body_limit",
             "code_ttl_s",
@@ -164,6 +179,12 @@ class Settings:
             "chat_max_concurrent_streams",
             "stream_lease_s",
             "db_connect_timeout_s",
+            "reply_max_chars",
+            "reply_max_seconds",
+            "reply_checkpoint_s",
+            "reply_save_window_s",
+            "sse_heartbeat_s",
+            "db_request_budget_s",
             "db_read_timeout_s",
             "llm_connect_timeout_s",
             "llm_read_timeout_s",
@@ -224,6 +245,7 @@ ENV_VARS: dict[str, tuple[str, object]] = {
     "AICHAT_JWT_TTL": ("jwt_ttl_s", int),
     "AICHAT_CORS_ORIGINS": ("cors_origins", lambda v: tuple(o.strip() for o in v.split(",") if o.strip())),
     "AICHAT_TRUST_PROXY": ("trust_proxy", _flag),
+    "AICHAT_TRUSTED_PROXY_HOPS": ("trusted_proxy_hops", int),
     "AICHAT_LOG_LEVEL": ("log_level", str.upper),
     "AICHAT_TIMEZONE": ("timezone", str),
     "AICHAT_LOGIN_BODY_LIMIT": ("login_body_limit", int),
@@ -261,6 +283,13 @@ ENV_VARS: dict[str, tuple[str, object]] = {
     "AICHAT_CHAT_MESSAGES_PER_MINUTE": ("chat_messages_per_minute", int),
     "AICHAT_CHAT_MAX_CONCURRENT_STREAMS": ("chat_max_concurrent_streams", int),
     "AICHAT_STREAM_LEASE": ("stream_lease_s", int),
+    "AICHAT_REPLY_MAX_CHARS": ("reply_max_chars", int),
+    "AICHAT_REPLY_MAX_SECONDS": ("reply_max_seconds", float),
+    "AICHAT_REPLY_CHECKPOINT": ("reply_checkpoint_s", float),
+    "AICHAT_REPLY_SAVE_WINDOW": ("reply_save_window_s", float),
+    "AICHAT_SPOOL_DIR": ("spool_dir", str),
+    "AICHAT_SSE_HEARTBEAT": ("sse_heartbeat_s", float),
+    "AICHAT_DB_REQUEST_BUDGET": ("db_request_budget_s", float),
 }
 
 # Read by the process runner (gunicorn config / make run), not by Settings.
@@ -269,6 +298,7 @@ RUNNER_ENV_VARS = (
     "FC_SERVER_PORT",
     "AICHAT_WORKERS",
     "AICHAT_THREADS",
+    "AICHAT_HEADER_TIMEOUT",
     "AICHAT_LOGIN_PORT",
     "AICHAT_CHAT_PORT",
     "AICHAT_WEB_PORT",

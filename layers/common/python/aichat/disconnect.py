@@ -12,6 +12,7 @@ import logging
 import selectors
 import socket
 import threading
+import time
 from collections.abc import Callable
 
 log = logging.getLogger("aichat.disconnect")
@@ -36,12 +37,19 @@ class DisconnectWatcher:
             threading.Thread(target=self._loop, name="aichat-disconnect", daemon=True).start()
         return self._selector
 
-    def watch(self, sock: socket.socket, on_gone: Callable[[], None]) -> Callable[[], None]:
-        """Call `on_gone` if the peer of `sock` closes; returns a function that stops watching."""
+    def watch(
+        self, sock: socket.socket, on_gone: Callable[[], None], on_eof: Callable[[], None] | None = None
+    ) -> Callable[[], None]:
+        """Call `on_gone` if the peer of `sock` resets it, `on_eof` (default: `on_gone`) when it reaches
+        end-of-file; returns a function that stops watching.
+
+        End-of-file alone does not prove the client left: a client may half-close its socket after a
+        complete request and still read the answer; the caller can find out by writing to it.
+        """
         with self._lock:
             selector = self._start()
             try:
-                key = selector.register(sock.fileno(), selectors.EVENT_READ, (sock, on_gone))
+                key = selector.register(sock.fileno(), selectors.EVENT_READ, (sock, on_gone, on_eof or on_gone))
             except (ValueError, KeyError, OSError):
                 return lambda: None  # closed already, or watched twice: nothing to do
         self._wake()
@@ -58,28 +66,38 @@ class DisconnectWatcher:
             self._wake_w.send(b"\0")  # type: ignore[union-attr]
 
     def _loop(self) -> None:
-        assert self._selector is not None
+        # The one thread that notices hang-ups for the whole process: whatever goes wrong in one round, it
+        # logs it and goes on (dying silently would end disconnect detection for every later stream).
         while True:
-            for key, _ in self._selector.select():
-                if key.data is None:
-                    with contextlib.suppress(OSError):
-                        self._wake_r.recv(4096)  # type: ignore[union-attr]
-                    continue
-                sock, on_gone = key.data
-                try:
-                    peeked = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    peeked = b""
-                with self._lock, contextlib.suppress(KeyError, ValueError, OSError):
-                    self._selector.unregister(key.fd)
-                if peeked:
-                    continue  # the client sent more data (a pipelined request): not a hang-up; stop watching
-                try:
-                    on_gone()
-                except Exception:
-                    log.exception("disconnect callback failed")
+            try:
+                self._round()
+            except Exception:
+                log.exception("disconnect watcher round failed")
+                time.sleep(0.1)
+
+    def _round(self) -> None:
+        assert self._selector is not None
+        for key, _ in self._selector.select():
+            if key.data is None:
+                with contextlib.suppress(OSError):
+                    self._wake_r.recv(4096)  # type: ignore[union-attr]
+                continue
+            sock, on_gone, on_eof = key.data
+            callback = on_eof
+            try:
+                peeked = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                continue
+            except OSError:
+                peeked, callback = b"", on_gone  # a reset: the client is gone for sure
+            with self._lock, contextlib.suppress(KeyError, ValueError, OSError):
+                self._selector.unregister(key.fd)
+            if peeked:
+                continue  # the client sent more data (a pipelined request): not a hang-up; stop watching
+            try:
+                callback()
+            except Exception:
+                log.exception("disconnect callback failed")
 
 
 watcher = DisconnectWatcher()

@@ -26,6 +26,7 @@ CATALOG: dict[str, tuple[int, str]] = {
     "PayloadTooLarge": (413, "请求体过大"),
     "MessageNotFound": (404, "消息不存在"),
     "ConversationNotFound": (404, "会话不存在"),
+    "UnsupportedMediaType": (415, "请求体必须是 application/json"),
 }
 
 

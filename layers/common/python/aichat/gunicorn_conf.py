@@ -4,7 +4,7 @@ import os
 
 # FC's custom runtime sends traffic to this port (customRuntimeConfig.port); make run binds loopback.
 bind = os.environ.get("AICHAT_BIND") or f"0.0.0.0:{os.environ.get('FC_SERVER_PORT', '9000')}"
-worker_class = "gthread"
+worker_class = "aichat.gunicorn_worker.Worker"
 # Requests mostly wait on the upstream model or the database, so threads (not processes) carry concurrency.
 workers = int(os.environ.get("AICHAT_WORKERS", "1"))
 threads = int(os.environ.get("AICHAT_THREADS", "32"))

@@ -14,12 +14,13 @@ from functools import cached_property
 from typing import Any
 
 from flask import Flask, Response, current_app, g, request
-from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound, RequestEntityTooLarge
+from werkzeug.exceptions import ClientDisconnected, HTTPException, MethodNotAllowed, NotFound, RequestEntityTooLarge
 
 from .config import Settings
 from .errors import ApiError
 from .fc import Credentials
 from .logs import configure_logging, request_id_var, write_line
+from .store.database import end_budget, start_budget
 from .tokens import bearer_token, verify_token
 
 log = logging.getLogger("aichat.web")
@@ -30,6 +31,8 @@ PREFLIGHT_MAX_AGE_S = 86_400
 # Unauthenticated operations whose answers carry a token (beyond every bearer_jwt operation).
 NO_STORE_OPERATIONS = frozenset({"login", "send_code"})
 SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]+")
+REQUEST_ID_MAX = 64
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,9 @@ class Route:
     auth: str  # "none" or "bearer_jwt", as in the contract's catalog
     handler: Callable[[ApiRequest], Any]
     response_type: str = "json"
+    # Refuse bodies that are not application/json (415): a form or text/plain POST is a CORS "simple"
+    # request a foreign page can send with no preflight (e.g. to make its visitors' browsers ask for SMS).
+    json_only: bool = False
 
 
 def json_response(body: dict[str, Any] | bytes, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -105,7 +111,7 @@ class ApiRequest:
 
     def json(self) -> dict[str, Any]:
         """The body as a JSON object, or 400 InvalidInput if it is not one (413 if it is over the cap)."""
-        raw = request.get_data(cache=True)  # with a Content-Length over the cap this raises 413
+        raw = read_body()
         limit = current_app.config["MAX_CONTENT_LENGTH"]
         if request.content_length is None and len(raw) >= limit:
             # A chunked body is cut at the cap rather than refused: reaching it means it was larger.
@@ -147,16 +153,50 @@ class ApiRequest:
         return self.uid
 
 
+def read_body() -> bytes:
+    """The whole request body: 413 over the cap, 400 when it is malformed or shorter than announced."""
+    try:
+        raw = request.get_data(cache=True)  # with a Content-Length over the cap this raises 413
+    except RequestEntityTooLarge:
+        raise
+    except Exception as exc:
+        if is_client_framing_error(exc):  # a malformed chunked body, read only now (gunicorn parses lazily)
+            raise ApiError("InvalidInput", "请求体的分块编码不正确") from exc
+        raise
+    if request.content_length is not None and len(raw) < request.content_length:
+        # The client half-closed before sending all it announced: act on none of it.
+        raise ApiError("InvalidInput", "请求体不完整")
+    return raw
+
+
+def is_client_framing_error(exc: BaseException) -> bool:
+    """Whether an exception is gunicorn's verdict on a malformed request body (the client's mistake)."""
+    return type(exc).__module__.startswith("gunicorn.http") or isinstance(exc, ClientDisconnected)
+
+
 def client_ip(settings: Settings) -> str:
-    """The caller's IP: the first X-Forwarded-For entry behind a trusted proxy (FC), else the socket peer."""
+    """The caller's IP.
+
+    Behind FC (AICHAT_TRUST_PROXY): FC's gateway ignores client-sent `x-fc-*` headers, so its
+    `x-fc-client-ip`, when present, is taken as is; otherwise the X-Forwarded-For entry the trusted
+    proxies appended, counted from the right (the leftmost entries are whatever the client sent).
+    Else the socket peer.
+    """
     if settings.trust_proxy:
-        forwarded = request.headers.get("X-Forwarded-For", "")
-        first = forwarded.split(",")[0].strip()
-        try:
-            return str(ipaddress.ip_address(first))
-        except ValueError:
-            pass
+        for candidate in (
+            request.headers.get("x-fc-client-ip", ""),
+            _forwarded_for(request.headers.get("X-Forwarded-For", ""), settings.trusted_proxy_hops),
+        ):
+            try:
+                return str(ipaddress.ip_address(candidate.strip()))
+            except ValueError:
+                continue
     return request.remote_addr or "0.0.0.0"
+
+
+def _forwarded_for(header: str, hops: int) -> str:
+    entries = [entry.strip() for entry in header.split(",") if entry.strip()]
+    return entries[-hops] if len(entries) >= hops else ""
 
 
 def create_app(
@@ -190,6 +230,10 @@ def create_app(
 
     def lifecycle(callback: Callable[[], None] | None, name: str) -> Callable[[], Response]:
         def hook() -> Response:
+            # FC marks its own lifecycle calls with x-fc-control-path (and drops client-sent x-fc-* headers);
+            # through the public trigger these paths are like any unknown path.
+            if request.headers.get("x-fc-control-path") != f"/{name}":
+                raise ApiError("NotFound")
             if callback is not None:
                 callback()
             log.info("lifecycle hook", extra={"hook": name})
@@ -203,7 +247,9 @@ def create_app(
     @app.before_request
     def _start() -> Response | None:
         g.started = time.perf_counter()
-        g.request_id = request.headers.get("x-fc-request-id") or uuid.uuid4().hex
+        # Every database wait of this request comes out of one budget (a stream's own saves run after it).
+        g.db_budget = start_budget(settings.db_request_budget_s)
+        g.request_id = _request_id(request.headers.get("x-fc-request-id"))
         request_id_var.set(g.request_id)
         known_path = request.url_rule is not None or isinstance(request.routing_exception, MethodNotAllowed)
         if request.method == "OPTIONS" and known_path:
@@ -212,7 +258,16 @@ def create_app(
             return preflight
         if request.content_length is not None and request.content_length > body_limit:
             raise RequestEntityTooLarge()
+        route = by_operation.get(request.endpoint or "")
+        if route is not None and route.json_only and request.mimetype != "application/json":
+            raise ApiError("UnsupportedMediaType")
         return None
+
+    @app.teardown_request
+    def _end_budget(_: BaseException | None) -> None:
+        token = g.pop("db_budget", None)
+        if token is not None:
+            end_budget(token)
 
     @app.after_request
     def _finish(response: Response) -> Response:
@@ -248,11 +303,20 @@ def create_app(
 
     @app.errorhandler(Exception)
     def _unexpected(error: Exception) -> Response:
+        if is_client_framing_error(error):
+            return error_response(ApiError("InvalidInput", "请求体格式不正确"))
         # Details go to the log with the request id; the client gets a generic message only.
         log.exception("unhandled error", extra={"operation_id": request.endpoint})
         return error_response(ApiError("InternalError"))
 
     return app
+
+
+def _request_id(header: str | None) -> str:
+    """FC's request id when it is a sane token (it is echoed and logged: capped, no control characters)."""
+    if header and len(header) <= REQUEST_ID_MAX and REQUEST_ID.fullmatch(header):
+        return header
+    return uuid.uuid4().hex
 
 
 def _view(

@@ -191,6 +191,7 @@ class DysmsProvider:
         self._connect_timeout_ms = int(connect_timeout_ms)
         self._read_timeout_ms = int(read_timeout_ms)
         self._client: Any = None
+        self._client_key: tuple[str, str, str | None] | None = None
         self._client_lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -198,36 +199,36 @@ class DysmsProvider:
         return f"DysmsProvider(endpoint={self._protocol}://{self._host}, sign_name={self._sign_name!r})"
 
     def _client_for(self, credentials: Credentials | None) -> Any:
-        """The SDK client for the request's fresh FC credentials, or the shared one built from settings."""
-        current = (self._access_key_id, self._access_key_secret, self._security_token)
-        if credentials is not None:
-            fresh = (credentials.access_key_id, credentials.access_key_secret, credentials.security_token or None)
-            if fresh != current:
-                # FC's role credentials rotate; a long-lived instance follows the ones each request carries.
-                with self._client_lock:
-                    self._access_key_id, self._access_key_secret, self._security_token = fresh
-                    self._client = None
-        return self._get_client()
+        """The SDK client for the request's fresh FC credentials, or the one built from settings.
 
-    def _get_client(self) -> Any:
-        """Return the shared SDK client, building it once under a lock."""
-        # One client per provider is safe under gthread: do_request keeps per-call state in locals, static
-        # AK/STS credentials are immutable, and the HTTP session is a process-wide pool in DaraCore anyway.
-        if self._client is None:
-            with self._client_lock:
-                if self._client is None:
-                    sdk = _sdk()
-                    config = sdk.Config(
-                        access_key_id=self._access_key_id,
-                        access_key_secret=self._access_key_secret,
-                        security_token=self._security_token,
-                        endpoint=self._host,
-                        protocol=self._protocol,
-                        connect_timeout=self._connect_timeout_ms,
-                        read_timeout=self._read_timeout_ms,
-                    )
-                    self._client = sdk.Client(config)
-        return self._client
+        Checked and built under one lock, and returned from a local: a thread never sees a client that
+        another thread's credential rotation is replacing (it once could get None).
+        """
+        key = (self._access_key_id, self._access_key_secret, self._security_token)
+        if credentials is not None:
+            # FC's role credentials rotate; a long-lived instance follows the ones each request carries.
+            key = (credentials.access_key_id, credentials.access_key_secret, credentials.security_token or None)
+        with self._client_lock:
+            client = self._client
+            if client is None or self._client_key != key:
+                client = self._build_client(*key)
+                self._client, self._client_key = client, key
+            return client
+
+    def _build_client(self, access_key_id: str, access_key_secret: str, security_token: str | None) -> Any:
+        # One client per credential set is safe under gthread: do_request keeps per-call state in locals,
+        # static AK/STS credentials are immutable, and the HTTP session is a process-wide pool in DaraCore.
+        sdk = _sdk()
+        config = sdk.Config(
+            access_key_id=access_key_id,
+            access_key_secret=access_key_secret,
+            security_token=security_token,
+            endpoint=self._host,
+            protocol=self._protocol,
+            connect_timeout=self._connect_timeout_ms,
+            read_timeout=self._read_timeout_ms,
+        )
+        return sdk.Client(config)
 
     def send(
         self, *, phone_number: str, country_code: str, code: str, credentials: Credentials | None = None

@@ -39,6 +39,7 @@ class DbChatLimiter:
         self.settings = settings
         self.db = db
         self._held: set[int] = set()
+        self._unreleased: set[int] = set()  # releases the database refused: the keeper retries them
         self._lock = threading.Lock()
         self._keeper: threading.Thread | None = None
         self._wake = threading.Event()
@@ -73,20 +74,24 @@ class DbChatLimiter:
         )
 
     def release(self, slot_id: int) -> None:
-        """Free a slot; if the database is down, its lease runs out by itself."""
+        """Free a slot; if the database is down, the keeper retries (and its lease runs out meanwhile)."""
         with self._lock:
             self._held.discard(slot_id)
         try:
             with self.db.tx() as tx:
                 tx.execute("DELETE FROM stream_slots WHERE id = ?", (slot_id,))
         except ApiError:
-            log.error("could not release a stream slot", extra={"slot_id": slot_id})
+            log.error("could not release a stream slot; retrying", extra={"slot_id": slot_id})
+            with self._lock:
+                self._unreleased.add(slot_id)
+            self.keep(slot_id, renew=False)
 
     # -- the lease keeper ----------------------------------------------------------------------------
-    def keep(self, slot_id: int) -> None:
+    def keep(self, slot_id: int, *, renew: bool = True) -> None:
         """Renew this slot's lease while the stream runs (a process-wide thread, one UPDATE per period)."""
         with self._lock:
-            self._held.add(slot_id)
+            if renew:
+                self._held.add(slot_id)
             if self._keeper is None:
                 self._keeper = threading.Thread(target=self._keep, name="aichat-slot-keeper", daemon=True)
                 self._keeper.start()
@@ -97,15 +102,22 @@ class DbChatLimiter:
         while True:
             self._wake.wait(period)
             with self._lock:
-                held = sorted(self._held)
-            if not held:
+                held, unreleased = sorted(self._held), sorted(self._unreleased)
+            if not held and not unreleased:
                 continue
             try:
                 with self.db.tx() as tx:
-                    tx.execute(
-                        f"UPDATE stream_slots SET expires_at = ? WHERE id IN ({','.join('?' * len(held))})",
-                        (now_ms() + self.settings.stream_lease_s * 1000, *held),
-                    )
+                    if held:
+                        tx.execute(
+                            f"UPDATE stream_slots SET expires_at = ? WHERE id IN ({','.join('?' * len(held))})",
+                            (now_ms() + self.settings.stream_lease_s * 1000, *held),
+                        )
+                    if unreleased:
+                        tx.execute(
+                            f"DELETE FROM stream_slots WHERE id IN ({','.join('?' * len(unreleased))})", unreleased
+                        )
+                with self._lock:
+                    self._unreleased.difference_update(unreleased)
             except ApiError:
                 log.warning("could not renew stream slots", extra={"slots": len(held)})
             except Exception:  # the keeper must outlive any one failure, or every lease would lapse

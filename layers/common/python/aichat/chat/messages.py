@@ -52,6 +52,35 @@ def add_reply(
     )
 
 
+def update_reply(
+    tx: Tx,
+    *,
+    message_id: int,
+    conversation_id: str,
+    content: str,
+    reasoning: str | None,
+    partial: bool,
+    usage: dict[str, Any] | None,
+) -> bool:
+    """Update a reply stored earlier (a checkpoint) to what it is now; False if it was removed meanwhile."""
+    usage = usage or {}
+    return bool(
+        tx.execute(
+            "UPDATE messages SET content = ?, reasoning_content = ?, is_partial = ?, prompt_tokens = ?,"
+            " completion_tokens = ? WHERE id = ? AND conversation_id = ? AND sender_role = 'assistant'",
+            (
+                content,
+                reasoning,
+                int(partial),
+                _int(usage.get("prompt_tokens")),
+                _int(usage.get("completion_tokens")),
+                message_id,
+                conversation_id,
+            ),
+        )
+    )
+
+
 def _int(value: Any) -> int | None:
     if isinstance(value, bool):
         return None

@@ -30,6 +30,7 @@ class StreamRelay:
         *,
         client: socket.socket | None,
         on_client_gone: Callable[[], None],
+        on_client_eof: Callable[[], None],
         on_close: Callable[[], None],
         outcome: Callable[[], str],
     ) -> None:
@@ -39,7 +40,7 @@ class StreamRelay:
         self._listeners: list[Callable[[RelayOutcome], None]] = []
         self.frames_sent = 0
         self._closed = False
-        self._unwatch = watcher.watch(client, on_client_gone) if client is not None else _nothing
+        self._unwatch = watcher.watch(client, on_client_gone, on_client_eof) if client is not None else _nothing
 
     def __iter__(self) -> StreamRelay:
         return self

@@ -19,8 +19,9 @@ from .history import format_time
 from .limits import ChatLimiter, DbChatLimiter
 from .relay import StreamRelay
 from .roles import Role, RoleCatalog
+from .spool import Spool
 from .targets import check_role, resolve
-from .turn import Reply, Turn
+from .turn import Reply, Turn, TurnPolicy
 
 log = logging.getLogger("aichat.chat")
 
@@ -44,6 +45,14 @@ class ChatService:
         self.roles = roles
         self.llm = llm
         self.limiter = limiter or DbChatLimiter(settings, db)
+        self.spool = Spool(settings.spool_dir, self._write_reply)
+        self.policy = TurnPolicy(
+            max_chars=settings.reply_max_chars,
+            max_seconds=settings.reply_max_seconds,
+            heartbeat_s=settings.sse_heartbeat_s,
+            checkpoint_s=settings.reply_checkpoint_s,
+            save_window_s=settings.reply_save_window_s,
+        )
 
     # -- operations ----------------------------------------------------------------------------------
     def stream(self, uid: str, body: dict[str, Any], *, client: socket.socket | None = None) -> StreamRelay:
@@ -155,7 +164,9 @@ class ChatService:
             model=payload["model"],
             meta=meta,
             save=partial(self._save, conversation.id, message_id),
+            spool=partial(self._spool, conversation.id, message_id),
             on_close=[release],
+            policy=self.policy,
         )
 
     def _payload(
@@ -190,6 +201,7 @@ class ChatService:
             turn.frames(),
             client=client,
             on_client_gone=turn.abort,
+            on_client_eof=turn.probe,
             on_close=turn.close,
             outcome=lambda: turn.outcome,
         )
@@ -204,23 +216,42 @@ class ChatService:
         messages.delete_after(tx, conversation_id=conversation.id, message_id=last["id"])
         return last
 
-    def _save(self, conversation_id: str, reply_to: int, reply: Reply, partial: bool) -> int | None:
-        """Store a reply, unless what it answers was removed meanwhile (clear, delete, account deletion)."""
+    def _save(
+        self, conversation_id: str, reply_to: int, reply: Reply, partial: bool, message_id: int | None
+    ) -> int | None:
+        """Store a reply (insert it, or update the row a checkpoint inserted), unless what it answers was
+        removed meanwhile (clear, delete, account deletion): then None, and nothing is written."""
+        return self._write_reply(
+            {
+                "conversation_id": conversation_id,
+                "reply_to": reply_to,
+                "message_id": message_id,
+                "content": reply.text,
+                "reasoning": reply.reasoning_text,
+                "partial": partial,
+                "usage": reply.usage,
+            }
+        )
+
+    def _write_reply(self, record: dict[str, Any]) -> int | None:
+        """Store one reply record (from a turn, or from the spool)."""
+        fields = {name: record[name] for name in ("conversation_id", "content", "reasoning", "partial", "usage")}
         with self.db.tx() as tx:
-            message_id = messages.add_reply(
-                tx,
-                reply_to=reply_to,
-                conversation_id=conversation_id,
-                content=reply.text,
-                reasoning=reply.reasoning_text,
-                partial=partial,
-                usage=reply.usage,
-            )
-            if message_id is not None:
-                conversations.touch(tx, conversation_id=conversation_id)
-        if message_id is None:
-            log.info("reply not stored: the message it answers is gone", extra={"reply_to": reply_to})
-        return message_id
+            if record["message_id"] is None:
+                stored = messages.add_reply(tx, reply_to=record["reply_to"], **fields)
+            else:
+                updated = messages.update_reply(tx, message_id=record["message_id"], **fields)
+                stored = record["message_id"] if updated else None
+            if stored is not None:
+                conversations.touch(tx, conversation_id=record["conversation_id"])
+        if stored is None:
+            log.info("reply not stored: the message it answers is gone", extra={"reply_to": record["reply_to"]})
+        return stored
+
+    def _spool(self, conversation_id: str, reply_to: int, reply: Reply, partial: bool, message_id: int | None) -> None:
+        record = {"conversation_id": conversation_id, "reply_to": reply_to, "message_id": message_id}
+        record.update(content=reply.text, reasoning=reply.reasoning_text, partial=partial, usage=reply.usage)
+        self.spool.put(record)
 
     def _stored_reply(self, uid: str, turn: Turn) -> dict[str, Any]:
         """/chat/send's message object for the reply the turn stored."""

@@ -19,7 +19,8 @@ from typing import Any
 
 from ..errors import ApiError
 from ..llm import StreamBroken, UpstreamStream
-from ..sse import DONE_FRAME, data_frame, encode
+from ..sse import DONE_FRAME, PING_FRAME, data_frame, encode
+from .pump import PROBE, TICK, Pump
 
 log = logging.getLogger("aichat.chat.turn")
 
@@ -118,11 +119,29 @@ def local_frame(model: str, *, finish_reason: str | None = None, **extra: Any) -
     return encode(frame)
 
 
+@dataclass(frozen=True)
+class TurnPolicy:
+    """The bounds of one reply (from Settings)."""
+
+    max_chars: int = 20_000
+    max_seconds: float = 240.0
+    heartbeat_s: float = 15.0
+    checkpoint_s: float = 2.0
+    save_window_s: float = 45.0
+
+
+# Two writes reveal a client that closed its socket (the first draws the reset, the second fails).
+PROBE_GAP_S = 0.3
+
+
 class Turn:
     """One reply: reads the upstream round(s), emits the client's frames, stores the reply, reports the outcome.
 
-    `save(reply, partial)` stores the reply and returns its id (None when nothing was stored); `on_close`
-    callbacks run once when the turn is closed, however it ended (the stream slot is released there).
+    `save(reply, partial, message_id)` stores the reply's current state: it inserts it the first time and
+    updates that row afterwards, and answers its id, or None when what it answers is gone (cleared,
+    deleted). It runs every `checkpoint_s` while text flows, so an instance that dies mid-reply leaves the
+    text received so far as a partial reply. `spool(reply, partial, message_id)` keeps a reply the database
+    would not take within `save_window_s`. `on_close` callbacks run once however the turn ended.
     """
 
     def __init__(
@@ -131,21 +150,29 @@ class Turn:
         upstream: UpstreamStream,
         model: str,
         meta: dict[str, Any],
-        save: Callable[[Reply, bool], int | None],
+        save: Callable[[Reply, bool, int | None], int | None],
+        spool: Callable[[Reply, bool, int | None], None],
         on_close: list[Callable[[], None]],
+        policy: TurnPolicy,
     ) -> None:
         self.upstream = upstream
         self.model = model
         self.meta = meta
         self._save = save
+        self._spool = spool
         self._on_close = on_close
+        self.policy = policy
         self.reply = Reply()
         self.message_id: int | None = None
         self.error_code: str | None = None
         self.outcome = "client_gone"
         self.client_gone = False
+        self._pump: Pump | None = None
+        self._gone = False  # what the reply answers was removed: nothing more is stored
         self._saved = False
         self._closed = False
+        self._checkpointed_at = time.monotonic()
+        self._checkpointed_chars = 0
 
     def frames(self) -> Iterator[bytes]:
         """The whole SSE body: the meta frame, the reply's frames, the last frame, `[DONE]`."""
@@ -158,11 +185,11 @@ class Turn:
                     return  # we cut the upstream ourselves: nobody is left to tell; close() keeps what arrived
                 self.outcome = f"broken:{exc.code}"
                 log.warning("upstream stream broke", extra={"reason": exc.reason, "chars": len(self.reply.text)})
-                self._store(partial=True)
+                yield from self._store(partial=True)
                 yield self._fallback(exc.code)
                 return
             # Stored before [DONE]: a client that refreshes history on [DONE] must see the reply.
-            self._store(partial=False)
+            yield from self._store(partial=False)
             self.outcome = "complete"
             usage = self.reply.usage
             finish_reason = self.reply.finish_reason or "stop"
@@ -177,21 +204,105 @@ class Turn:
             yield self._fallback(exc.code)
 
     def _round(self, upstream: UpstreamStream) -> Iterator[bytes]:
-        for payload in upstream.frames():
-            try:
-                frame = json.loads(payload)
-            except ValueError as exc:
-                raise StreamBroken("UpstreamHTTPError", "malformed upstream frame") from exc
-            if not isinstance(frame, dict):
-                raise StreamBroken("UpstreamHTTPError", "upstream frame is not an object")
-            if frame.get("error") and not frame.get("choices"):
-                raise StreamBroken("UpstreamHTTPError", "upstream reported an error mid-stream")
-            self.reply.add(frame)
-            out = client_frame(frame, payload)
+        """Relay one model round: its frames, heartbeats while it is silent, probes, the reply's bounds."""
+        policy = self.policy
+        pump = self._pump = Pump(upstream)
+        started = last_sent = time.monotonic()
+        probe_again: float | None = None
+        while True:
+            now = time.monotonic()
+            wake = min(last_sent + policy.heartbeat_s, started + policy.max_seconds)
+            if probe_again is not None:
+                wake = min(wake, probe_again)
+            item = pump.get(wake - now)
+            now = time.monotonic()
+            if item is None:
+                break
+            if item is TICK or item is PROBE:
+                if now >= started + policy.max_seconds:
+                    self._cut("time")
+                    return
+                if (
+                    item is PROBE
+                    or (probe_again is not None and now >= probe_again)
+                    or now >= last_sent + policy.heartbeat_s
+                ):
+                    # A comment line: ignored by every SSE client, and a write that fails if the client is gone.
+                    probe_again = now + PROBE_GAP_S if item is PROBE else None
+                    last_sent = now
+                    yield PING_FRAME
+                continue
+            out = self._take(item)  # type: ignore[arg-type]
             if out is not None:
+                last_sent = now
                 yield out
+            if len(self.reply.text) >= policy.max_chars or now >= started + policy.max_seconds:
+                self._cut("length" if len(self.reply.text) >= policy.max_chars else "time")
+                return
+            if now - self._checkpointed_at >= policy.checkpoint_s:
+                self._checkpoint()
         if not (upstream.done or self.reply.finish_reason):
             raise StreamBroken("NetworkError", "upstream ended before finishing")
+
+    def _take(self, payload: bytes) -> bytes | None:
+        try:
+            frame = json.loads(payload)
+        except ValueError as exc:
+            raise StreamBroken("UpstreamHTTPError", "malformed upstream frame") from exc
+        if not isinstance(frame, dict):
+            raise StreamBroken("UpstreamHTTPError", "upstream frame is not an object")
+        if frame.get("error") and not frame.get("choices"):
+            raise StreamBroken("UpstreamHTTPError", "upstream reported an error mid-stream")
+        self.reply.add(frame)
+        return client_frame(frame, payload)
+
+    def _cut(self, why: str) -> None:
+        """The reply reached its bound: it ends here as a complete reply cut for length."""
+        log.info("reply cut at its bound", extra={"bound": why, "chars": len(self.reply.text)})
+        self.reply.finish_reason = "length"
+        self.upstream.abort()  # stop the model generating (and billing) what nobody will read
+
+    def _checkpoint(self) -> None:
+        """Store what arrived so far (as partial), so a dying instance leaves it behind; never fails the stream."""
+        self._checkpointed_at = time.monotonic()
+        if self._gone or len(self.reply.text) == self._checkpointed_chars:
+            return
+        try:
+            self._persist(partial=True)
+            self._checkpointed_chars = len(self.reply.text)
+        except ApiError:
+            log.warning("could not checkpoint a reply; it is stored when it ends")
+
+    def _persist(self, *, partial: bool) -> None:
+        stored = self._save(self.reply, partial, self.message_id)
+        if stored is None:
+            self._gone = True
+            self.message_id = None
+        else:
+            self.message_id = stored
+
+    def _store(self, *, partial: bool) -> Iterator[bytes]:
+        """Store the reply as it ended, retrying a database that blinks for up to `save_window_s` (heartbeats
+        keep the stream open meanwhile); past that it is spooled, and the client is told."""
+        self._saved = True
+        if self._gone or (
+            partial and not self.reply.text and not self.reply.reasoning_text and self.message_id is None
+        ):
+            return  # nothing arrived (an empty bubble would only confuse the history), or its message is gone
+        deadline = time.monotonic() + self.policy.save_window_s
+        pause = 0.2
+        while True:
+            try:
+                self._persist(partial=partial)
+                return
+            except ApiError:
+                if time.monotonic() + pause > deadline:
+                    self._spool(self.reply, partial, self.message_id)
+                    raise
+            log.warning("could not store a reply; retrying", extra={"pause_s": pause})
+            yield PING_FRAME
+            time.sleep(pause)
+            pause = min(pause * 2, 5.0)
 
     def _fallback(self, code: str) -> bytes:
         """The last frame when the reply could not be completed: the error, and no text of its own.
@@ -202,18 +313,17 @@ class Turn:
         message = FALLBACK_MESSAGES.get(code, FALLBACK_MESSAGES["InternalError"])
         event = {"type": "error", "code": code, "message": message, "message_id": self.message_id}
         event["conversation_id"] = self.meta.get("conversation_id")
-        return local_frame(
-            self.model, finish_reason="error", error={"code": code, "message": message}, x_event=event
-        ) + (DONE_FRAME)
+        frame = local_frame(self.model, finish_reason="error", error={"code": code, "message": message}, x_event=event)
+        return frame + DONE_FRAME
 
-    def _store(self, *, partial: bool) -> None:
-        self._saved = True
-        if partial and not self.reply.text and not self.reply.reasoning_text:
-            return  # nothing arrived: an empty bubble would only confuse the history
-        self.message_id = self._save(self.reply, partial)
+    def probe(self) -> None:
+        """The client's socket reached end-of-file (called from another thread): a half-close is legal, so
+        write to it (twice) rather than assume it is gone; a closed client makes the second write fail."""
+        if self._pump is not None:
+            self._pump.poke()
 
     def abort(self) -> None:
-        """The client hung up (called from another thread): cut the upstream so a blocked read returns now."""
+        """The client is gone (called from another thread): cut the upstream so a blocked read returns now."""
         self.client_gone = True
         self.upstream.abort()
 
@@ -223,12 +333,15 @@ class Turn:
             return
         self._closed = True
         try:
+            self.upstream.abort()  # ends the pump's read if the upstream is still streaming
             self.upstream.close()
-            if not self._saved:
+            if not self._saved and not self._gone and (self.reply.text or self.reply.reasoning_text):
+                self._saved = True
                 try:
-                    self._store(partial=True)
+                    self._persist(partial=True)
                 except ApiError:
-                    log.error("could not store a partial reply")
+                    log.error("could not store a partial reply; spooled")
+                    self._spool(self.reply, True, self.message_id)
         finally:
             for callback in self._on_close:
                 callback()

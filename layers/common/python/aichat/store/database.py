@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import sqlite3
 import ssl
@@ -21,9 +22,51 @@ Row = dict[str, Any]
 T = TypeVar("T")
 
 
+# The moment the current request must stop waiting on the database (set per request by the web glue).
+_budget_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("aichat_db_deadline", default=None)
+
+
+@contextmanager
+def request_budget(seconds: float) -> Iterator[None]:
+    """Bound the database wait of everything inside, in all (not per statement)."""
+    token = _budget_deadline.set(time.monotonic() + seconds)
+    try:
+        yield
+    finally:
+        _budget_deadline.reset(token)
+
+
+def start_budget(seconds: float) -> contextvars.Token:
+    """request_budget() for code that cannot wrap the work in a block (a request's before/teardown hooks)."""
+    return _budget_deadline.set(time.monotonic() + seconds)
+
+
+def end_budget(token: contextvars.Token) -> None:
+    """Undo start_budget()."""
+    _budget_deadline.reset(token)
+
+
+def _wait_allowed(default: float) -> float:
+    """The most the next database wait may take: its own timeout, or less if the request's budget is lower."""
+    deadline = _budget_deadline.get()
+    if deadline is None:
+        return default
+    remaining = deadline - time.monotonic()
+    if remaining <= 0.05:
+        log.error("the request's database budget is spent")
+        raise ApiError("DatabaseError")
+    return min(default, remaining)
+
+
 def now_ms() -> int:
     """Wall-clock time in epoch milliseconds, the unit every timestamp column uses."""
     return int(time.time() * 1000)
+
+
+class _SqliteConnection(sqlite3.Connection):
+    """A SQLite connection that remembers the busy timeout last set on it."""
+
+    aichat_busy_s: float | None = None
 
 
 class Tx:
@@ -172,7 +215,11 @@ class Database:
     def _connect(self) -> Any:
         if self.dialect == "sqlite":
             conn = sqlite3.connect(
-                self._path, timeout=self._connect_timeout_s, isolation_level=None, check_same_thread=False
+                self._path,
+                timeout=self._connect_timeout_s,
+                isolation_level=None,
+                check_same_thread=False,
+                factory=_SqliteConnection,
             )
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
@@ -201,7 +248,7 @@ class Database:
 
     def _borrow(self) -> tuple[Any, bool]:
         """A connection from the pool (and whether it was pooled rather than fresh); waits while all are out."""
-        deadline = time.monotonic() + self._connect_timeout_s
+        deadline = time.monotonic() + _wait_allowed(self._connect_timeout_s)
         with self._pool:
             while not self._idle and self._open >= self._pool_size:
                 remaining = deadline - time.monotonic()
@@ -286,6 +333,7 @@ class Database:
         for attempt in (1, 2):
             try:
                 conn, pooled = self._borrow()
+                self._bound_waits(conn)
             except ApiError:
                 raise
             except Exception as exc:
@@ -306,6 +354,17 @@ class Database:
             return result
         raise AssertionError("unreachable")
 
+    def _bound_waits(self, conn: Any) -> None:
+        """Cap this connection's waits at what the request's budget has left (its own timeouts otherwise)."""
+        if self.dialect == "sqlite":
+            allowed = round(_wait_allowed(self._connect_timeout_s), 1)
+            if conn.aichat_busy_s != allowed:
+                conn.execute(f"PRAGMA busy_timeout = {int(allowed * 1000)}")
+                conn.aichat_busy_s = allowed
+            return
+        allowed = _wait_allowed(self._read_timeout_s)
+        conn._read_timeout = conn._write_timeout = allowed  # PyMySQL applies them before each socket wait
+
     def _begin(self) -> Any:
         """Borrow a connection and start a transaction on it.
 
@@ -316,6 +375,7 @@ class Database:
             conn = None
             try:
                 conn, pooled = self._borrow()
+                self._bound_waits(conn)
                 conn.execute("BEGIN IMMEDIATE") if self.dialect == "sqlite" else conn.begin()
                 return conn
             except ApiError:
