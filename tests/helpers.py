@@ -196,8 +196,27 @@ def query(db_url: str, sql: str, params: tuple = ()) -> list[tuple]:
         conn.close()
 
 
-PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
-JPEG = b"\xff\xd8\xff\xe0" + b"\x00" * 64
+def png_header(width: int = 2, height: int = 2) -> bytes:
+    """The start of a PNG (signature and IHDR): what the service reads of an image."""
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+
+
+def jpeg_header(width: int = 2, height: int = 2) -> bytes:
+    """The start of a baseline JPEG (SOI, APP0, SOF0): what the service reads of an image."""
+    import struct
+
+    app0 = b"\xff\xe0" + struct.pack(">H", 16) + b"JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
+    sof0 = b"\xff\xc0" + struct.pack(">HBHHB", 11, 8, height, width, 1) + b"\x01\x11\x00"
+    return b"\xff\xd8" + app0 + sof0
+
+
+PNG = png_header() + b"\x00" * 32
+JPEG = jpeg_header() + b"\x00" * 32
 
 
 def assert_error(res, status: int, code: str) -> dict:

@@ -25,6 +25,7 @@ from tests.helpers import (
     frame_text,
     free_port,
     history,
+    png_header,
     query,
     read_stream,
     sse_events,
@@ -328,6 +329,11 @@ class TestUpstreamFailures:
         second.close()
 
 
+def b64(data: bytes) -> str:
+    """Base64 text of bytes."""
+    return base64.b64encode(data).decode()
+
+
 class TestValidation:
     @pytest.mark.parametrize(
         ("body", "status", "code"),
@@ -353,6 +359,22 @@ class TestValidation:
             ({"role_code": "naitang", "image_base64": base64.b64encode(b"hello world").decode()}, 400, "InvalidImage"),
             ({"role_code": "naitang", "image_base64": 12}, 400, "InvalidImage"),
             ({"role_code": "naitang", "image_base64": base64.b64encode(PNG).decode()[:-2]}, 400, "InvalidImage"),
+            # A decompression bomb: a valid header declaring 100000x100000 pixels.
+            (
+                {"role_code": "naitang", "image_base64": base64.b64encode(png_header(100_000, 100_000)).decode()},
+                400,
+                "InvalidImage",
+            ),
+            (
+                {"role_code": "naitang", "image_base64": base64.b64encode(png_header(20_000, 10)).decode()},
+                400,
+                "InvalidImage",
+            ),
+            (
+                {"role_code": "naitang", "image_base64": base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 30).decode()},
+                400,
+                "InvalidImage",
+            ),
         ],
     )
     def test_rejects(self, user, fake_llm, body, status, code):

@@ -42,6 +42,9 @@ class TestChatRateLimits:
         assert [m["content"] for m in history(client) if m["sender_role"] == "user"] == ["第0条", "第1条", "第2条"]
         client.post("/chat/clear", {"role_code": "naitang"})
         assert_error(client.post("/chat/stream", {"role_code": "naitang", "message": "再来"}), 429, "RateLimited")
+        # The limits come before the image is looked at: a refused user's upload costs no decoding.
+        bomb = {"role_code": "naitang", "image_base64": "A" * 4_000_000 + "!"}
+        assert_error(client.post("/chat/stream", bomb), 429, "RateLimited")
 
     def test_concurrent_streams(self, limited_chat, new_user, fake_llm):
         client = Client(limited_chat.base_url, token=new_user()[1])

@@ -95,3 +95,20 @@ def test_an_interrupted_migration_completes_on_the_next_run(empty_db_url, monkey
     assert query(empty_db_url, "SELECT COUNT(*) FROM messages WHERE conversation_id IS NULL") == [(0,)]
     assert migrate(db) == []
     db.close()
+
+
+def test_messages_an_older_release_wrote_are_adopted_on_the_next_start(empty_db_url, monkeypatch):
+    db = legacy_database(empty_db_url, monkeypatch)
+    assert migrate(db) == [5]
+    # A rollback to a release without conversations: it writes messages with no conversation_id.
+    with db.tx() as tx:
+        tx.insert(
+            "INSERT INTO messages (uid, role_code, sender_role, content, has_image, is_partial, created_at)"
+            " VALUES (?, 'naitang', 'user', '回滚期间的话', 0, 0, ?)",
+            ("a" * 24, 1_800_000_000_000),
+        )
+    assert migrate(db) == []  # nothing to apply, but the orphan joins its default conversation
+    (row,) = query(empty_db_url, "SELECT conversation_id FROM messages WHERE content = '回滚期间的话'")
+    default = query(empty_db_url, "SELECT id FROM conversations WHERE uid = ? AND default_key = 'naitang'", ("a" * 24,))
+    assert row[0] is not None and [(row[0],)] == default
+    db.close()

@@ -13,7 +13,7 @@ from ..errors import ApiError
 from ..llm import LlmClient
 from ..store import Database, Tx
 from . import conversations, input, messages
-from .context import build_messages, stored_text, user_turn
+from .context import IMAGE_ONLY_PLACEHOLDER, build_messages, stored_text, user_turn
 from .conversations import Conversation
 from .history import format_time
 from .limits import ChatLimiter, DbChatLimiter
@@ -97,13 +97,14 @@ class ChatService:
         """POST /chat/edit: replace the last user message's text (and image), then answer it anew."""
         target = input.target(body)
         check_role(self.roles, target)
-        new = input.turn(body, self.settings)
+        pending = input.turn(body, self.settings)
         raw_id = body.get("message_id")
         message_id = input.integer(raw_id)
         if raw_id is not None and (message_id is None or not 1 <= message_id <= input.MAX_ID):
             raise ApiError("InvalidInput", "参数 message_id 必须是最后一条用户消息的 id")
 
         def write(tx: Tx, conversation: Conversation) -> tuple[input.TurnInput, int]:
+            new = with_image(pending, self.settings)
             last = self._rewind(tx, conversation, message_id=message_id)
             messages.rewrite_user_message(tx, message_id=last["id"], text=new.text, has_image=new.image is not None)
             return new, last["id"]
@@ -114,9 +115,10 @@ class ChatService:
     def _new_message(self, uid: str, body: dict[str, Any]) -> Turn:
         target = input.target(body)
         check_role(self.roles, target)
-        turn = input.turn(body, self.settings)
+        pending = input.turn(body, self.settings)
 
         def write(tx: Tx, conversation: Conversation) -> tuple[input.TurnInput, int]:
+            turn = with_image(pending, self.settings)
             message_id = messages.add_user_message(
                 tx,
                 uid=uid,
@@ -125,7 +127,7 @@ class ChatService:
                 text=turn.text,
                 has_image=turn.image is not None,
             )
-            first = turn.text or (input_placeholder(turn))
+            first = turn.text or (IMAGE_ONLY_PLACEHOLDER if turn.image else "")
             conversations.touch(tx, conversation_id=conversation.id, first_text=first)
             return turn, message_id
 
@@ -274,6 +276,9 @@ class ChatService:
         return body
 
 
-def input_placeholder(turn: input.TurnInput) -> str:
-    """What names a conversation whose first message is an image alone."""
-    return "[图片]" if turn.image is not None else ""
+def with_image(turn: input.TurnInput, settings: Settings) -> input.TurnInput:
+    """The turn with its image checked (inside the turn's transaction, after the limits: a refused image
+    rolls back the counted message and the slot)."""
+    if turn.raw_image is None:
+        return turn
+    return input.TurnInput(text=turn.text, image=input.decode_image(turn.raw_image, settings), overrides=turn.overrides)

@@ -132,6 +132,16 @@ def migrate(db: Database) -> list[int]:
                     raise
                 tx.commit()
                 applied.append(version)
+            # Messages an older release wrote after this schema was in place (a rollback, then a redeploy)
+            # have no conversation yet: give them their role's default one, every start (cheap when none).
+            if 5 in done or 5 in applied:
+                tx.begin()
+                try:
+                    schema.adopt_orphan_messages(tx)
+                except BaseException:
+                    tx.rollback()
+                    raise
+                tx.commit()
         finally:
             _unlock(tx)
     if applied:

@@ -8,6 +8,12 @@ from .database import Tx
 from .migrations import AddColumn, AddIndex, DataStep, Step
 
 
+def adopt_orphan_messages(tx: Tx) -> None:
+    """Messages without a conversation (written by a release before conversations) join their default one."""
+    if tx.one("SELECT id FROM messages WHERE conversation_id IS NULL LIMIT 1"):
+        _default_conversations(tx)
+
+
 def _default_conversations(tx: Tx) -> None:
     """every (user, role) history becomes that role's default conversation (ids and order unchanged)"""
     groups = tx.all(
