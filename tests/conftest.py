@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -30,15 +31,15 @@ def pytest_configure(config: pytest.Config) -> None:
 BACKENDS = ["sqlite", pytest.param("mysql", marks=pytest.mark.mysql)]
 
 
-@pytest.fixture(scope="session")
-def mysql_server_url() -> Iterator[str]:
-    """A fresh MySQL database for this test session, dropped afterwards."""
+@contextmanager
+def fresh_mysql_database(prefix: str) -> Iterator[str]:
+    """A MySQL database of its own on the configured server (fail in CI, skip locally, if unreachable)."""
     if not MYSQL_URL:
         pytest.skip("AICHAT_TEST_MYSQL_URL is not set")
     import pymysql
 
     parts = urlsplit(MYSQL_URL)
-    name = f"aichat_test_{uuid.uuid4().hex[:10]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     try:
         conn = pymysql.connect(
             host=parts.hostname,
@@ -59,6 +60,13 @@ def mysql_server_url() -> Iterator[str]:
         with conn.cursor() as cur:
             cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
         conn.close()
+
+
+@pytest.fixture(scope="session")
+def mysql_server_url() -> Iterator[str]:
+    """A fresh MySQL database for this test session, dropped afterwards."""
+    with fresh_mysql_database("aichat_test") as url:
+        yield url
 
 
 @pytest.fixture(scope="session", params=BACKENDS)

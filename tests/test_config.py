@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -62,6 +63,47 @@ def test_parsing(env, field, expected):
 def test_invalid_settings_are_refused(env):
     with pytest.raises(ConfigError):
         load_settings({**BASE, **env})
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [
+        ("AICHAT_LOG_LEVEL", "VERBOSE"),
+        ("AICHAT_DB_READ_TIMEOUT", "0"),
+        ("AICHAT_DB_CONNECT_TIMEOUT", "-1"),
+        ("AICHAT_LLM_READ_TIMEOUT", "0"),
+        ("AICHAT_SMS_READ_TIMEOUT_MS", "0"),
+        ("AICHAT_CHAT_MESSAGES_PER_MINUTE", "0"),
+        ("AICHAT_CHAT_MAX_CONCURRENT_STREAMS", "0"),
+        ("AICHAT_CODE_MAX_PER_IP_PER_DAY", "0"),
+        ("AICHAT_CODE_RESEND_COOLDOWN", "-5"),
+        ("AICHAT_REPLY_MAX_SECONDS", "0"),
+        ("AICHAT_DB_REQUEST_BUDGET", "-1"),
+        ("AICHAT_CORS_ORIGINS", "https://app.example/"),
+        ("AICHAT_CORS_ORIGINS", "app.example"),
+        ("AICHAT_LLM_MODELS", "qwen-max"),  # must include AICHAT_LLM_MODEL
+    ],
+)
+def test_settings_it_cannot_run_with_are_refused_by_name(var, value):
+    with pytest.raises(ConfigError, match=var):
+        load_settings({**BASE, var: value})
+
+
+def test_an_enabled_flag_must_be_a_boolean(tmp_path):
+    from aichat.chat.roles import read_roles_file
+
+    roles = json.loads((ROOT / "template" / "roles.json").read_text(encoding="utf-8"))
+    roles["roles"][0]["enabled"] = "false"  # would count as enabled if taken as truthy
+    path = tmp_path / "roles.json"
+    path.write_text(json.dumps(roles, ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(ValueError, match="enabled"):
+        read_roles_file(path)
+    # And a service given it refuses to start, naming the variable.
+    from aichat.chat.roles import RoleCatalog
+    from aichat.store import UnconfiguredDatabase
+
+    with pytest.raises(ConfigError, match="AICHAT_ROLES_FILE"):
+        RoleCatalog(UnconfiguredDatabase(), roles_file=str(path))
 
 
 def test_secrets_stay_out_of_repr():

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import uuid
+import time
 from collections.abc import Iterator
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import pytest
 from aichat.store import Database
 from aichat.store import schema as schema_module
 from aichat.store.migrations import migrate
 
-from tests.conftest import BACKENDS
+from tests.conftest import BACKENDS, fresh_mysql_database
 from tests.helpers import query
 
 LEGACY_VERSION = 4  # the schema before conversations
@@ -23,20 +23,8 @@ def empty_db_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'legacy.db'}"
         return
-    server = request.getfixturevalue("mysql_server_url")
-    import pymysql
-
-    parts = urlsplit(server)
-    name = f"aichat_legacy_{uuid.uuid4().hex[:8]}"
-    conn = pymysql.connect(host=parts.hostname, port=parts.port or 3306, user=parts.username or "root", password="")
-    with conn.cursor() as cur:
-        cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci")
-    try:
-        yield urlunsplit((parts.scheme, parts.netloc, f"/{name}", "", ""))
-    finally:
-        with conn.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
-        conn.close()
+    with fresh_mysql_database("aichat_legacy") as url:
+        yield url
 
 
 def legacy_database(url: str, monkeypatch: pytest.MonkeyPatch) -> Database:
@@ -111,4 +99,40 @@ def test_messages_an_older_release_wrote_are_adopted_on_the_next_start(empty_db_
     (row,) = query(empty_db_url, "SELECT conversation_id FROM messages WHERE content = '回滚期间的话'")
     default = query(empty_db_url, "SELECT id FROM conversations WHERE uid = ? AND default_key = 'naitang'", ("a" * 24,))
     assert row[0] is not None and [(row[0],)] == default
+    db.close()
+
+
+@pytest.mark.mysql
+def test_a_migrator_that_cannot_get_the_lock_does_not_run(monkeypatch):
+    # Another instance holds the migration lock longer than this one is willing to wait: it must give up
+    # (DatabaseError) rather than run without the lock, and each of its waits stays below the read timeout.
+    import pymysql
+    from aichat.errors import ApiError
+    from aichat.store import migrations
+
+    with fresh_mysql_database("aichat_lock") as url:
+        parts = urlsplit(url)
+        holder = pymysql.connect(host=parts.hostname, port=parts.port or 3306, user=parts.username or "root")
+        with holder.cursor() as cur:
+            cur.execute("SELECT GET_LOCK('aichat_migrate', 0)")
+        monkeypatch.setattr(migrations, "LOCK_WAIT_STEP_S", 1)
+        monkeypatch.setattr(migrations, "LOCK_WAIT_TOTAL_S", 2)
+        db = Database(url, auto_migrate=False, read_timeout_s=3)
+        started = time.monotonic()
+        with pytest.raises(ApiError):
+            migrate(db)
+        assert time.monotonic() - started < 5
+        assert query(url, "SHOW TABLES") == []  # nothing ran
+        holder.close()  # the lock goes with the connection
+        assert migrate(db)[-1] == 5
+        db.close()
+
+
+def test_an_empty_role_catalogue_disables_every_role(empty_db_url):
+    from aichat.chat.roles import Role, sync_roles
+
+    db = Database(empty_db_url)
+    sync_roles(db, [Role("cat", "猫", "intro", "https://a", "https://b", "hi", "prompt")])
+    sync_roles(db, [])  # was `NOT IN ()`: a syntax error on MySQL
+    assert query(empty_db_url, "SELECT role_code, enabled FROM roles") == [("cat", 0)]
     db.close()

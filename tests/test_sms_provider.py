@@ -332,3 +332,42 @@ def test_fake_answers_like_dysmsapi(fake):
     assert body["Code"] == "OK"
     assert fake.sent[0]["access_key_id"] == FAKE_AK_ID
     assert fake.last_code("13800138000") == "424242"
+
+
+def test_credential_rotation_never_hands_out_a_missing_client(monkeypatch):
+    # FC's role credentials rotate while other threads send: a thread must never get a None client.
+    import threading
+
+    from aichat.accounts.sms import DysmsProvider
+    from aichat.fc import Credentials
+
+    provider = DysmsProvider(
+        access_key_id="id",
+        access_key_secret="secret",
+        security_token=None,
+        sign_name="sign",
+        template_code="SMS_1",
+        endpoint="http://127.0.0.1:9",
+        connect_timeout_ms=100,
+        read_timeout_ms=100,
+    )
+    built = provider._build_client
+
+    def slow_build(*args):
+        time.sleep(0.001)  # widen the window a check-then-return race would fall into
+        return built(*args)
+
+    monkeypatch.setattr(provider, "_build_client", slow_build)
+    clients: list[object] = []
+
+    def rotate(n: int) -> None:
+        for i in range(40):
+            creds = Credentials(f"id-{(n + i) % 3}", "secret", f"token-{(n + i) % 3}")
+            clients.append(provider._client_for(creds))
+
+    threads = [threading.Thread(target=rotate, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(clients) == 320 and all(client is not None for client in clients)

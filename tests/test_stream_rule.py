@@ -195,3 +195,29 @@ def test_send_stores_once(user, fake_llm, db_url):
     assert uid is not None
     user.post("/chat/send", {"role_code": "naitang", "message": "只存一次"})
     assert [m["content"] for m in history(user)] == ["只存一次", "一次"]
+
+
+def test_the_disconnect_watcher_outlives_a_failing_round(monkeypatch):
+    # One unexpected exception must not end hang-up detection for the whole process.
+    import socket
+    import threading
+
+    from aichat.disconnect import DisconnectWatcher
+
+    watcher = DisconnectWatcher()
+    original = watcher._round
+    failures = iter([RuntimeError("boom")])
+
+    def flaky_round() -> None:
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        original()
+
+    monkeypatch.setattr(watcher, "_round", flaky_round)
+    gone = threading.Event()
+    ours, theirs = socket.socketpair()
+    watcher.watch(ours, gone.set)
+    theirs.close()  # a hang-up (end-of-file; with no on_eof, on_gone is called)
+    assert gone.wait(3)
+    ours.close()

@@ -106,7 +106,7 @@ def build_app(settings: Settings | None = None, *, llm_client: LlmClient | None 
         Route("chat_conversation_update", "POST", "/chat/conversation/update", "bearer_jwt", chat_conversation_update),
         Route("chat_conversation_delete", "POST", "/chat/conversation/delete", "bearer_jwt", chat_conversation_delete),
     ]
-    flask_app = create_app(
+    return create_app(
         service="chat",
         routes=routes,
         settings=settings,
@@ -115,8 +115,6 @@ def build_app(settings: Settings | None = None, *, llm_client: LlmClient | None 
         on_initialize=initialize,
         on_pre_stop=db.close_idle,
     )
-    flask_app.config["AICHAT_ROUTES"] = routes
-    return flask_app
 
 
 app = build_app()

@@ -59,7 +59,7 @@ def build_app(settings: Settings | None = None, *, sms: Any = None, db: Any = No
         Route("logout", "POST", "/logout", "bearer_jwt", logout),
         Route("account_delete", "POST", "/account/delete", "bearer_jwt", account_delete),
     ]
-    flask_app = create_app(
+    return create_app(
         service="login",
         routes=routes,
         settings=settings,
@@ -68,8 +68,6 @@ def build_app(settings: Settings | None = None, *, sms: Any = None, db: Any = No
         on_initialize=initialize,
         on_pre_stop=db.close_idle,
     )
-    flask_app.config["AICHAT_ROUTES"] = routes
-    return flask_app
 
 
 app = build_app()

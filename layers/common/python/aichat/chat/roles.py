@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config import ConfigError
 from ..errors import ApiError
 from ..store import Database, now_ms
 
@@ -122,11 +123,20 @@ class RoleCatalog:
         self._public_body = b""
         self._loaded_at = float("-inf")
         self._synced = not roles_file
+        self._file_roles: list[Role] = []
+        self._fingerprint = ""
+        if roles_file:
+            # Read at start: a catalogue the service cannot use stops it at once (not at the first request).
+            try:
+                raw = Path(roles_file).read_bytes()
+                self._file_roles = read_roles_file(roles_file)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise ConfigError(f"AICHAT_ROLES_FILE {roles_file} is not a usable catalogue: {exc}") from exc
+            self._fingerprint = hashlib.sha256(raw).hexdigest()
 
     def _refresh(self) -> None:
         if not self._synced:
-            raw = Path(self.roles_file).read_bytes()
-            sync_roles(self.db, read_roles_file(self.roles_file), fingerprint=hashlib.sha256(raw).hexdigest())
+            sync_roles(self.db, self._file_roles, fingerprint=self._fingerprint)
             self._synced = True
         rows = self.db.read(
             lambda tx: tx.all(

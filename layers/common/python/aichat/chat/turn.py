@@ -43,6 +43,7 @@ class Reply:
     usage: dict[str, Any] | None = None
     finish_reason: str | None = None
     model: str | None = None
+    chars: int = 0  # len(text), kept as frames arrive (the bounds are checked on every frame)
 
     @property
     def text(self) -> str:
@@ -69,6 +70,7 @@ class Reply:
             delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
             if isinstance(delta.get("content"), str):
                 self.content.append(delta["content"])
+                self.chars += len(delta["content"])
             if isinstance(delta.get("reasoning_content"), str):
                 self.reasoning.append(delta["reasoning_content"])
             if choice.get("finish_reason"):
@@ -236,8 +238,8 @@ class Turn:
             if out is not None:
                 last_sent = now
                 yield out
-            if len(self.reply.text) >= policy.max_chars or now >= started + policy.max_seconds:
-                self._cut("length" if len(self.reply.text) >= policy.max_chars else "time")
+            if self.reply.chars >= policy.max_chars or now >= started + policy.max_seconds:
+                self._cut("length" if self.reply.chars >= policy.max_chars else "time")
                 return
             if now - self._checkpointed_at >= policy.checkpoint_s:
                 self._checkpoint()
@@ -265,11 +267,11 @@ class Turn:
     def _checkpoint(self) -> None:
         """Store what arrived so far (as partial), so a dying instance leaves it behind; never fails the stream."""
         self._checkpointed_at = time.monotonic()
-        if self._gone or len(self.reply.text) == self._checkpointed_chars:
+        if self._gone or self.reply.chars == self._checkpointed_chars:
             return
         try:
             self._persist(partial=True)
-            self._checkpointed_chars = len(self.reply.text)
+            self._checkpointed_chars = self.reply.chars
         except ApiError:
             log.warning("could not checkpoint a reply; it is stored when it ends")
 

@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Union
+from contextlib import AbstractContextManager
+from typing import Protocol
 
 from ..errors import ApiError
-from .database import Tx, now_ms
+from . import schema
+from .tx import Tx, now_ms
 
-if TYPE_CHECKING:
-    from .database import Database
+
+class Sessions(Protocol):
+    """What the runner needs of a database: a connection that manages its own transactions."""
+
+    def session(self) -> AbstractContextManager[Tx]:
+        """A pooled connection in autocommit mode."""
+
 
 log = logging.getLogger("aichat.store")
 
@@ -28,82 +33,8 @@ LOCK_WAIT_TOTAL_S = 120
 LOCK_NAME = "aichat_migrate"
 
 
-@dataclass(frozen=True)
-class AddColumn:
-    """ALTER TABLE … ADD COLUMN, skipped when the column exists already."""
-
-    table: str
-    column: str
-    definition: str
-
-    def sql(self) -> str:
-        """The statement, for `make schema`."""
-        return f"ALTER TABLE {self.table} ADD COLUMN {self.column} {self.definition}"
-
-    def apply(self, tx: Tx) -> None:
-        """Add the column unless a previous run already did."""
-        if self.column not in _columns(tx, self.table):
-            tx.execute(self.sql())
-
-
-@dataclass(frozen=True)
-class AddIndex:
-    """CREATE INDEX on an existing table, skipped when the index exists already."""
-
-    table: str
-    name: str
-    columns: str
-
-    def sql(self) -> str:
-        """The statement, for `make schema`."""
-        return f"CREATE INDEX {self.name} ON {self.table} ({self.columns})"
-
-    def apply(self, tx: Tx) -> None:
-        """Create the index unless a previous run already did."""
-        if tx.dialect == "sqlite":
-            exists = tx.one("SELECT name FROM sqlite_master WHERE type = 'index' AND name = ?", (self.name,))
-        else:
-            exists = tx.one(
-                "SELECT index_name FROM information_schema.statistics WHERE table_schema = DATABASE()"
-                " AND table_name = ? AND index_name = ? LIMIT 1",
-                (self.table, self.name),
-            )
-        if not exists:
-            tx.execute(self.sql())
-
-
-@dataclass(frozen=True)
-class DataStep:
-    """Python that rewrites rows; it must itself only touch rows a previous run did not finish."""
-
-    run: Callable[[Tx], None]
-
-    def sql(self) -> str:
-        """A comment line in the generated DDL: operators run `python -m aichat.manage migrate` for data."""
-        return f"-- data step: {self.run.__doc__ or self.run.__name__}"
-
-    def apply(self, tx: Tx) -> None:
-        """Run the step."""
-        self.run(tx)
-
-
-Step = Union[str, AddColumn, AddIndex, DataStep]  # noqa: UP007 - a runtime alias on Python 3.10
-
-
-def _columns(tx: Tx, table: str) -> set[str]:
-    if tx.dialect == "sqlite":
-        return {row["name"] for row in tx.all(f"PRAGMA table_info({table})")}
-    rows = tx.all(
-        "SELECT column_name AS name FROM information_schema.columns WHERE table_schema = DATABASE() AND table_name = ?",
-        (table,),
-    )
-    return {row["name"] for row in rows}
-
-
-def migrate(db: Database) -> list[int]:
+def migrate(db: Sessions) -> list[int]:
     """Apply the migrations this database lacks, in order; safe to run any number of times, from many instances."""
-    from . import schema
-
     applied: list[int] = []
     with db.session() as tx:
         _lock(tx)
@@ -172,8 +103,6 @@ def _unlock(tx: Tx) -> None:
 
 def ddl(dialect: str) -> str:
     """The whole schema as one SQL script, for operators who create tables by hand."""
-    from . import schema
-
     lines = [f"-- aichat schema ({dialect}); generated from aichat.store.schema by `make schema`."]
     for version, name, sqlite_steps, mysql_steps in schema.MIGRATIONS:
         lines.append(f"\n-- migration {version}: {name}")

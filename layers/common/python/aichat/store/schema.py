@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import secrets
 
-from .database import Tx
-from .migrations import AddColumn, AddIndex, DataStep, Step
+from .steps import AddColumn, AddIndex, DataStep, Step
+from .tx import Tx
 
 
 def adopt_orphan_messages(tx: Tx) -> None:
