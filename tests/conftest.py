@@ -16,7 +16,7 @@ from flask.testing import FlaskClient
 
 from dev.fake_dysms import FakeDysms
 from dev.fake_llm import FakeLLM
-from tests.helpers import TEST_SECRET, Client, ServerProcess, base_env, load_function, random_phone
+from tests.helpers import TEST_SECRET, AppClient, Client, ServerProcess, base_env, load_function, random_phone
 
 MYSQL_URL = os.environ.get("AICHAT_TEST_MYSQL_URL", "")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -197,6 +197,40 @@ def chat_app(chat_module, db_url, fake_llm) -> Callable[..., FlaskClient]:
         return app.test_client()
 
     return make
+
+
+@pytest.fixture
+def app_user(chat_app, new_user) -> AppClient:
+    """A fresh logged-in user of an in-process ChatService with the default test settings."""
+    return AppClient(chat_app(), token=new_user()[1])
+
+
+@pytest.fixture(scope="session")
+def login_module(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """functions/login/app.py imported into the test process, for build_app() with settings of a test's own."""
+    db = tmp_path_factory.mktemp("import-login-db") / "aichat.db"
+    return load_function("login", {"AICHAT_JWT_SECRET": TEST_SECRET, "AICHAT_DB_URL": f"sqlite:///{db}"})
+
+
+@pytest.fixture
+def login_app(login_module, db_url, fake_dysms) -> AppClient:
+    """An in-process LoginService (Flask's test client) on the backend under test, sending SMS to the fake."""
+    env = dysms_env(fake_dysms)
+    settings = Settings(
+        service="login",
+        env="test",
+        jwt_secret=TEST_SECRET,
+        db_url=db_url,
+        trust_proxy=True,
+        sms_provider="dysms",
+        sms_endpoint=str(env["AICHAT_SMS_ENDPOINT"]),
+        sms_sign_name=str(env["AICHAT_SMS_SIGN_NAME"]),
+        sms_template_code=str(env["AICHAT_SMS_TEMPLATE_CODE"]),
+        alibaba_access_key_id="test-key-id",
+        alibaba_access_key_secret="test-key-secret",
+        sms_read_timeout_ms=1000,
+    )
+    return AppClient(login_module.build_app(settings).test_client())
 
 
 @pytest.fixture(scope="session")

@@ -377,12 +377,12 @@ class TestValidation:
             ),
         ],
     )
-    def test_rejects(self, user, fake_llm, body, status, code):
-        assert_error(user.post("/chat/stream", body), status, code)
+    def test_rejects(self, app_user, fake_llm, body, status, code):
+        assert_error(app_user.post("/chat/stream", body), status, code)
         assert fake_llm.requests == []
-        assert history(user) == []
+        assert history(app_user) == []
 
-    def test_accepts_edges(self, user, fake_llm):
+    def test_accepts_edges(self, app_user, fake_llm):
         body = {
             "role_code": "naitang",
             "message": "x" * 4000,
@@ -392,7 +392,7 @@ class TestValidation:
             "presence_penalty": -2,
             "frequency_penalty": 2,
         }
-        assert chat_once(user, body)[-1] == "[DONE]"
+        assert chat_once(app_user, body)[-1] == "[DONE]"
 
     def test_image_size_cap(self, chat_app, fake_llm, new_user):
         client = AppClient(chat_app(image_max_bytes=1024), token=new_user()[1])

@@ -236,9 +236,9 @@ class TestValidation:
             ({"phone_number": "13800138000", "country_code": 86}, "InvalidInput"),
         ],
     )
-    def test_send_code_rejects(self, login, fake_dysms, body, code):
+    def test_send_code_rejects(self, login_app, fake_dysms, body, code):
         before = len(fake_dysms.sent)
-        assert_error(login.post("/send_code", body), 400, code)
+        assert_error(login_app.post("/send_code", body), 400, code)
         assert len(fake_dysms.sent) == before
 
     @pytest.mark.parametrize(
@@ -254,12 +254,12 @@ class TestValidation:
             ({"phone_number": "1", "verify_code": "x"}, "InvalidPhoneNumber"),
         ],
     )
-    def test_login_rejects(self, login, body, code):
-        assert_error(login.post("/login", body), 400, code)
+    def test_login_rejects(self, login_app, body, code):
+        assert_error(login_app.post("/login", body), 400, code)
 
     @pytest.mark.parametrize("raw", [b"{", b"not json", b"[1,2]", b'"text"', b"null", b"\xff\xfe"])
-    def test_malformed_json(self, login, raw):
-        res = login.post("/send_code", data=raw, headers={"Content-Type": "application/json"})
+    def test_malformed_json(self, login_app, raw):
+        res = login_app.post("/send_code", data=raw, headers={"Content-Type": "application/json"})
         assert_error(res, 400, "InvalidInput")
 
     def test_body_over_the_cap(self, login):

@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import select
 import socket
 import threading
+from collections import deque
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -32,39 +34,75 @@ class StreamBroken(Exception):
         self.reason = reason
 
 
+# What next_event() answers at the end of the stream ([DONE] or the end of the body).
+END = object()
+
+
 class UpstreamStream:
-    """An open upstream SSE response, read frame by frame with no buffering beyond what has arrived."""
+    """An open upstream SSE response, read event by event with no buffering beyond what has arrived.
+
+    Reads happen on the caller's thread (no thread per stream: a frame reaches the client with no
+    hand-off); a wait can be bounded, so the caller learns of a silence and can act on it (heartbeats,
+    probes, its time bound) without breaking the HTTP reader's state.
+    """
 
     def __init__(self, response: requests.Response) -> None:
         self._response = response
+        self._parser = EventParser(max_event_bytes=MAX_FRAME_BYTES)
+        self._pending: deque[bytes] = deque()
         self.done = False  # the upstream sent data: [DONE]
+        self.ended = False  # nothing more will come ([DONE], or the body ended)
 
-    def frames(self) -> Iterator[bytes]:
-        """Yield each event's data (the payload after `data:`) the moment the event is complete.
+    def next_event(self, timeout: float | None = None) -> bytes | object | None:
+        """The next event's data (the payload after `data:`); None when nothing arrived within `timeout`
+        seconds (None: wait as long as the read timeout allows); END once the stream is over.
 
-        Raises StreamBroken on a dropped connection, a read timeout or an overlong event. Stops at
-        `[DONE]` (setting `done`) or at the end of the body.
+        Raises StreamBroken on a dropped connection, a read timeout or an overlong event.
         """
-        raw = self._response.raw
-        parser = EventParser(max_event_bytes=MAX_FRAME_BYTES)
-        while True:
+        while not self._pending:
+            if self.ended:
+                return END
+            if timeout is not None and not self._ready(timeout):
+                return None
             try:
                 # read1 returns whatever has arrived (at most one chunk) instead of waiting for a full block;
                 # decode_content undoes a Content-Encoding an upstream applied despite `identity`.
-                chunk = raw.read1(READ_SIZE, decode_content=True)
+                chunk = self._response.raw.read1(READ_SIZE, decode_content=True)
             except Exception as exc:  # requests / urllib3 / http.client errors on a dropped or timed-out socket
                 raise _broken(exc) from exc
             if not chunk:
-                return
+                self.ended = True
+                return END
             try:
-                events = parser.feed(chunk)
+                events = self._parser.feed(chunk)
             except EventTooLong as exc:
                 raise StreamBroken("UpstreamHTTPError", "upstream frame too long") from exc
             for payload in events:
                 if payload.strip() == b"[DONE]":
-                    self.done = True
-                    return
-                yield payload
+                    self.done = self.ended = True
+                    break
+                self._pending.append(payload)
+        return self._pending.popleft()
+
+    def frames(self) -> Iterator[bytes]:
+        """Every event's data until the end (blocking reads)."""
+        while (event := self.next_event()) is not END:
+            yield event  # type: ignore[misc]
+
+    def _ready(self, timeout: float) -> bool:
+        """Whether a read would find data now or within `timeout`: buffered above the socket, or on it."""
+        raw = self._response.raw
+        if len(getattr(raw, "_decoded_buffer", b"")) > 0:
+            return True  # urllib3 holds decoded bytes already
+        sock = getattr(getattr(raw, "connection", None), "sock", None)
+        if sock is None:
+            return True  # not an inspectable connection: read as usual (the read timeout still applies)
+        pending = getattr(sock, "pending", None)  # TLS: bytes decrypted but not read yet
+        if (pending is not None and pending() > 0) or select.select([sock], [], [], 0)[0]:
+            return True
+        if _buffered(getattr(raw, "_fp", None), sock):
+            return True  # http.client's buffer holds the next bytes
+        return bool(select.select([sock], [], [], timeout)[0])
 
     def close(self) -> None:
         """Release the upstream connection (closing it if the body was not read to the end)."""
@@ -76,6 +114,36 @@ class UpstreamStream:
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
+
+
+def _buffered(reader: Any, sock: socket.socket) -> bool:
+    """Whether http.client's buffer over `sock` already holds what its next read returns, found without
+    blocking: with the socket non-blocking, peek() answers what is buffered (an empty socket reads as
+    "would block"). In a chunked body the buffer must hold a whole chunk-size line and some data after
+    it (the CRLF that ends the previous chunk alone is not enough: the read would wait on the socket)."""
+    fp = getattr(reader, "fp", None)
+    if fp is None or not hasattr(fp, "peek"):
+        return False
+    previous = sock.gettimeout()
+    try:
+        sock.setblocking(False)
+        data = fp.peek(1)
+    except (OSError, ValueError):
+        return False
+    finally:
+        with contextlib.suppress(OSError):
+            sock.settimeout(previous)
+    if not data or not getattr(reader, "chunked", False) or getattr(reader, "chunk_left", None):
+        return bool(data)  # not chunked, or inside a chunk: any byte is a result
+    if getattr(reader, "chunk_left", None) == 0:  # the previous chunk's CRLF comes first
+        if len(data) < 2:
+            return False
+        data = data[2:]
+    line_end = data.find(b"\n")
+    if line_end < 0:
+        return False
+    last_chunk = data[:line_end].split(b";", 1)[0].strip() == b"0"
+    return last_chunk or len(data) > line_end + 1
 
 
 def _broken(exc: BaseException) -> StreamBroken:

@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ApiError
-from ..llm import StreamBroken, UpstreamStream
+from ..llm import END, StreamBroken, UpstreamStream
 from ..sse import DONE_FRAME, PING_FRAME, data_frame, encode
-from .pump import PROBE, TICK, Pump
 
 log = logging.getLogger("aichat.chat.turn")
 
@@ -134,6 +133,8 @@ class TurnPolicy:
 
 # Two writes reveal a client that closed its socket (the first draws the reset, the second fails).
 PROBE_GAP_S = 0.3
+# The longest a silent stream goes without looking at its probe flag.
+TICK_S = 0.5
 
 
 class Turn:
@@ -169,7 +170,7 @@ class Turn:
         self.error_code: str | None = None
         self.outcome = "client_gone"
         self.client_gone = False
-        self._pump: Pump | None = None
+        self._probe_asked = False
         self._gone = False  # what the reply answers was removed: nothing more is stored
         self._saved = False
         self._closed = False
@@ -208,29 +209,28 @@ class Turn:
     def _round(self, upstream: UpstreamStream) -> Iterator[bytes]:
         """Relay one model round: its frames, heartbeats while it is silent, probes, the reply's bounds."""
         policy = self.policy
-        pump = self._pump = Pump(upstream)
         started = last_sent = time.monotonic()
         probe_again: float | None = None
         while True:
             now = time.monotonic()
-            wake = min(last_sent + policy.heartbeat_s, started + policy.max_seconds)
+            # Wake for the next heartbeat, the time bound, a probe's second write, or (at the latest) a tick
+            # that notices a probe asked for meanwhile.
+            wake = min(last_sent + policy.heartbeat_s, started + policy.max_seconds, now + TICK_S)
             if probe_again is not None:
                 wake = min(wake, probe_again)
-            item = pump.get(wake - now)
+            item = upstream.next_event(max(0.0, wake - now))
             now = time.monotonic()
-            if item is None:
+            if item is END:
                 break
-            if item is TICK or item is PROBE:
+            if item is None:  # silence
                 if now >= started + policy.max_seconds:
                     self._cut("time")
                     return
-                if (
-                    item is PROBE
-                    or (probe_again is not None and now >= probe_again)
-                    or now >= last_sent + policy.heartbeat_s
-                ):
+                probing = self._probe_asked or (probe_again is not None and now >= probe_again)
+                if probing or now >= last_sent + policy.heartbeat_s:
                     # A comment line: ignored by every SSE client, and a write that fails if the client is gone.
-                    probe_again = now + PROBE_GAP_S if item is PROBE else None
+                    probe_again = now + PROBE_GAP_S if self._probe_asked else None
+                    self._probe_asked = False
                     last_sent = now
                     yield PING_FRAME
                 continue
@@ -321,8 +321,7 @@ class Turn:
     def probe(self) -> None:
         """The client's socket reached end-of-file (called from another thread): a half-close is legal, so
         write to it (twice) rather than assume it is gone; a closed client makes the second write fail."""
-        if self._pump is not None:
-            self._pump.poke()
+        self._probe_asked = True
 
     def abort(self) -> None:
         """The client is gone (called from another thread): cut the upstream so a blocked read returns now."""
@@ -335,7 +334,8 @@ class Turn:
             return
         self._closed = True
         try:
-            self.upstream.abort()  # ends the pump's read if the upstream is still streaming
+            # Read to its end, the upstream connection goes back to the pool (no new handshake for the next
+            # reply); cut short, closing it drops it.
             self.upstream.close()
             if not self._saved and not self._gone and (self.reply.text or self.reply.reasoning_text):
                 self._saved = True

@@ -63,7 +63,7 @@ class Database:
         if self.dialect == "sqlite":
             conn = sqlite3.connect(
                 self._path,
-                timeout=self._connect_timeout_s,
+                timeout=wait_allowed(self._connect_timeout_s),  # a connect inside a request spends its budget too
                 isolation_level=None,
                 check_same_thread=False,
                 factory=_SqliteConnection,
@@ -84,7 +84,7 @@ class Database:
             database=parts.path.lstrip("/") or None,
             charset="utf8mb4",
             autocommit=True,
-            connect_timeout=self._connect_timeout_s,
+            connect_timeout=wait_allowed(self._connect_timeout_s),
             read_timeout=self._read_timeout_s,
             write_timeout=self._read_timeout_s,
             # Each user's writes are already serialised by a row lock on the user; REPEATABLE READ's gap
