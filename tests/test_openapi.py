@@ -209,6 +209,7 @@ def test_operations_document_the_errors_the_code_can_produce() -> None:
         "send_code": {
             "400": {"InvalidInput", "InvalidPhoneNumber", "SendCodeFailed"},
             "413": {"PayloadTooLarge"},
+            "415": {"UnsupportedMediaType"},
             "429": {"RateLimited"},
             "500": {"SendCodeFailed", "DatabaseError", "MissingDatabaseConfig", "InternalError"},
         },
@@ -216,6 +217,7 @@ def test_operations_document_the_errors_the_code_can_produce() -> None:
             "400": {"InvalidInput", "InvalidPhoneNumber", "InvalidVerifyCode"},
             "401": {"VerifyFailed"},
             "413": {"PayloadTooLarge"},
+            "415": {"UnsupportedMediaType"},
             "500": {"DatabaseError", "MissingDatabaseConfig", "InternalError"},
         },
         "me": {"401": {"Unauthorized"}, "500": SERVER_ERRORS},
@@ -1380,3 +1382,17 @@ def test_another_users_conversation_is_not_found(live: LiveServices) -> None:
     assert conversation_id not in stranger_ids
     assert history(live, owner, conversation_id=conversation_id) == before
     assert conversation(live, conversation_id, owner)["title"] == "私人会话"
+
+
+def test_send_code_refuses_a_non_json_body_as_documented(live: LiveServices) -> None:
+    """text/plain (a CORS "simple" request) answers the documented 415 in the contract's shape."""
+    spec = load_spec()
+    documented = spec_operations(spec)["send_code"]["operation"]["responses"]["415"]
+    answer = requests.post(
+        f"{live.login_url}/send_code",
+        data='{"phone_number":"10086"}',
+        headers={**live.headers("POST", "/send_code"), "Content-Type": "text/plain"},
+        timeout=30,
+    )
+    assert answer.status_code == 415 and answer.json()["code"] == "UnsupportedMediaType"
+    assert documented_codes(spec, resolve(spec, documented)) == {"UnsupportedMediaType"}

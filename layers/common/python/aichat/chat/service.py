@@ -127,7 +127,8 @@ class ChatService:
                 text=turn.text,
                 has_image=turn.image is not None,
             )
-            first = turn.text or (IMAGE_ONLY_PLACEHOLDER if turn.image else "")
+            # Only a conversation without a title is named after this message (one UPDATE fewer otherwise).
+            first = (turn.text or (IMAGE_ONLY_PLACEHOLDER if turn.image else "")) if not conversation.title else None
             conversations.touch(tx, conversation_id=conversation.id, first_text=first)
             return turn, message_id
 
