@@ -147,6 +147,7 @@ class TestStream:
         assert payloads[-1] == "[DONE]"
         body = fake_llm.requests[0]["body"]
         assert body["model"] == "qwen-vl-plus"
+        assert "enable_thinking" not in body  # the vision model is not a hybrid-thinking one
         turn = body["messages"][-1]
         assert turn["content"] == [
             {"type": "text", "text": "看图"},

@@ -192,8 +192,9 @@ class ChatService:
             ),
             **params,
         }
-        if s.llm_thinking_flag:
-            # DashScope's switch for Qwen3 hybrid thinking models; sent explicitly so "off" means off.
+        if s.llm_thinking_flag and not turn.image:
+            # DashScope's switch for Qwen3 hybrid thinking models; sent explicitly so "off" means off. Not on
+            # an image turn: the vision model is another family, and the switch is not documented for it.
             payload["enable_thinking"] = bool(effective.get("thinking_enabled"))
         if s.llm_include_usage:
             payload["stream_options"] = {"include_usage": True}
