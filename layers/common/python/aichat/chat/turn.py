@@ -135,6 +135,8 @@ class TurnPolicy:
 PROBE_GAP_S = 0.3
 # The longest a silent stream goes without looking at its probe flag.
 TICK_S = 0.5
+# After a checkpoint the database refused, the next one waits this long (the reply itself streams on).
+CHECKPOINT_BACKOFF_S = 30.0
 
 
 class Turn:
@@ -273,6 +275,8 @@ class Turn:
             self._persist(partial=True)
             self._checkpointed_chars = self.reply.chars
         except ApiError:
+            # Each failed attempt waited out the database's timeout while the stream stood still: back off.
+            self._checkpointed_at = time.monotonic() + CHECKPOINT_BACKOFF_S
             log.warning("could not checkpoint a reply; it is stored when it ends")
 
     def _persist(self, *, partial: bool) -> None:
