@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -18,8 +19,12 @@ import pytest
 import requests
 import schemathesis
 import yaml
+from aichat.chat.images import MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE
+from aichat.chat.turn import FALLBACK_MESSAGES
 from aichat.errors import CATALOG
+from aichat.gunicorn_worker import error_bytes
 from aichat.tokens import issue_token
+from aichat.web import NO_STORE_OPERATIONS
 from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate as validate_openapi
 from openapi_spec_validator.validation import OpenAPIV31SpecValidator
@@ -107,10 +112,25 @@ def resolve(spec: dict[str, Any], node: Any) -> Any:
 
 
 @functools.cache
-def schema_validator(name: str) -> Draft202012Validator:
-    """A JSON Schema validator of one of the document's components/schemas (its $refs resolved in the document)."""
+def pointer_validator(pointer: str) -> Draft202012Validator:
+    """A JSON Schema validator of the schema at a JSON pointer of the document (its $refs resolved in it)."""
     registry = Registry().with_resource("urn:openapi", Resource(contents=load_spec(), specification=DRAFT202012))
-    return Draft202012Validator({"$ref": f"urn:openapi#/components/schemas/{name}"}, registry=registry)
+    return Draft202012Validator({"$ref": f"urn:openapi#{pointer}"}, registry=registry)
+
+
+def schema_validator(name: str) -> Draft202012Validator:
+    """A JSON Schema validator of one of the document's components/schemas."""
+    return pointer_validator(f"/components/schemas/{name}")
+
+
+def response_validator(name: str) -> Draft202012Validator:
+    """A JSON Schema validator of the JSON body of one of the document's components/responses."""
+    return pointer_validator(f"/components/responses/{name}/content/application~1json/schema")
+
+
+def sse_events(text: str) -> list[str]:
+    """The events of an event-stream body, comment lines (`: ping`) left out as every SSE client does."""
+    return [event for event in text.split("\n\n") if not event.startswith(":")]
 
 
 def stream_chunks(payloads: list[str]) -> list[dict[str, Any]]:
@@ -183,7 +203,9 @@ def test_every_documented_error_has_the_status_the_code_uses() -> None:
     spec = load_spec()
     allowed = {(code, status) for code, (status, _) in CATALOG.items()} | EXTRA_STATUSES
     for name, response in spec["components"]["responses"].items():
-        assert "X-Request-Id" in response["headers"], f"components/responses/{name}: no X-Request-Id header"
+        assert "X-Content-Type-Options" in response["headers"], f"components/responses/{name}: no nosniff header"
+        if name != "RefusedRequest":  # answered by gunicorn before the app: no request id
+            assert "X-Request-Id" in response["headers"], f"components/responses/{name}: no X-Request-Id header"
         if list(response["content"]) == ["text/event-stream"]:
             continue  # the success answer the streamed operations share
         assert documented_codes(spec, response), f"components/responses/{name}: no error code"
@@ -309,14 +331,22 @@ def test_streamed_operations_answer_server_sent_events(operation_id: str) -> Non
     stream = ok["content"]["text/event-stream"]
     assert stream["schema"]["type"] == "string"
     assert {"reply", "fallback"} <= set(stream["examples"])
+    assert {"reply", "fallback", "length"} <= set(stream["examples"])
     for name, example in stream["examples"].items():
-        frames = example["value"].split("\n\n")
+        frames = sse_events(example["value"])
         assert frames[-2:] == ["data: [DONE]", ""], "frames end with data: [DONE]"
         for frame in frames[:-2]:
             assert frame.startswith("data: ")
             assert "choices" in json.loads(frame.removeprefix("data: "))
         chunks = stream_chunks([frame.removeprefix("data: ") for frame in frames[:-2]])
         assert chunks[-1]["x_event"]["type"] == ("error" if name == "fallback" else "done"), name
+    assert ": ping" in stream["examples"]["length"]["value"].split("\n\n")
+    assert (
+        stream_chunks([f.removeprefix("data: ") for f in sse_events(stream["examples"]["length"]["value"])[:-2]])[-1][
+            "x_event"
+        ]["finish_reason"]
+        == "length"
+    )
     assert stream["x-sse-event-schema"] == {"$ref": "#/components/schemas/StreamEvent"}
     fallback = spec["components"]["schemas"]["StreamChunk"]["properties"]["error"]
     assert resolve(spec, fallback)["required"] == ["code", "message"]
@@ -371,8 +401,8 @@ def route_table(function: str, db_path: Path) -> list[dict[str, str]]:
     """The ROUTES of one function's app.py, read in a subprocess (both modules are named `app`)."""
     script = (
         "import json\nfrom app import ROUTES\n"
-        "print(json.dumps([dict(operation_id=r.operation_id, method=r.method, path=r.path, auth=r.auth)"
-        " for r in ROUTES]))\n"
+        "print(json.dumps([dict(operation_id=r.operation_id, method=r.method, path=r.path, auth=r.auth,"
+        " response_type=r.response_type, json_only=r.json_only) for r in ROUTES]))\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AICHAT_", "ALIBABA_CLOUD_", "DASHSCOPE_"))}
     env.update(
@@ -432,6 +462,79 @@ def test_route_tables_match_the_document(route_tables: dict[str, list[dict[str, 
         assert bearer == (route["auth"] == "bearer_jwt"), operation_id
         if route["auth"] == "bearer_jwt":
             assert "401" in operation["operation"]["responses"], f"{operation_id} does not document 401"
+
+
+def test_responses_document_the_headers_the_app_adds(route_tables: dict[str, list[dict[str, str]]]) -> None:
+    """nosniff on every answer; no-store on the JSON answers of bearer operations, /login and /send_code (web.py)."""
+    spec = load_spec()
+    routes = {route["operation_id"]: route for table in route_tables.values() for route in table}
+    for operation_id, op in spec_operations(spec).items():
+        route = routes[operation_id]
+        private = route["auth"] == "bearer_jwt" or operation_id in NO_STORE_OPERATIONS
+        no_store = private and route["response_type"] == "json"
+        for status, response in op["operation"]["responses"].items():
+            where = f"{operation_id} {status}"
+            headers = resolve(spec, response)["headers"]
+            nosniff = resolve(spec, headers["X-Content-Type-Options"])
+            assert (nosniff["required"], nosniff["schema"]) == (True, {"const": "nosniff"}), where
+            cache = resolve(spec, headers.get("Cache-Control", {}))
+            if route["response_type"] == "sse" and status == "200":
+                assert (cache["required"], cache["schema"]) == (True, {"const": "no-cache, no-transform"}), where
+            elif no_store:
+                assert cache.get("schema") == {"const": "no-store"}, f"{where}: Cache-Control no-store undocumented"
+                # A response component shared with an operation that sends no no-store cannot require it.
+                assert cache["required"] is True or "$ref" in response, f"{where}: no-store not required"
+            else:
+                assert not cache.get("required"), f"{where}: the app sends no Cache-Control here"
+
+
+def test_only_the_login_operations_are_json_only(route_tables: dict[str, list[dict[str, str]]]) -> None:
+    """Exactly the json_only routes document 415 UnsupportedMediaType (the bearer ones accept any type)."""
+    spec = load_spec()
+    operations = spec_operations(spec)
+    json_only = {route["operation_id"] for table in route_tables.values() for route in table if route["json_only"]}
+    assert json_only == {"send_code", "login"}
+    assert {op_id for op_id, op in operations.items() if "415" in op["operation"]["responses"]} == json_only
+
+
+def test_refused_request_response_is_what_the_http_server_answers() -> None:
+    """components/responses/RefusedRequest describes exactly the answers of gunicorn_worker.error_bytes."""
+    spec = load_spec()
+    refused = spec["components"]["responses"]["RefusedRequest"]
+    named = {int(status) for status in re.findall(r"\b(4\d\d)\b", refused["description"])}
+    answered = set()
+    # gunicorn's own statuses for a refused request; 403 only arises with TLS or the PROXY protocol (both off).
+    for gunicorn_status in (400, 408, 414, 417, 431, 501):
+        head, _, body = error_bytes(gunicorn_status).partition(b"\r\n\r\n")
+        status = int(head.split(b" ")[1])
+        answered.add(status)
+        response_validator("RefusedRequest").validate(json.loads(body))
+        assert b"\r\nX-Content-Type-Options: nosniff\r\n" in head
+        assert b"X-Request-Id" not in head  # as documented: gunicorn answers before any request id exists
+    assert named == answered
+    for item in spec["paths"].values():  # listed on no operation: schemathesis would expect it everywhere
+        for method in HTTP_METHODS:
+            for response in item.get(method, {}).get("responses", {}).values():
+                assert response != {"$ref": "#/components/responses/RefusedRequest"}
+
+
+def test_stream_fallback_codes_and_image_limits_match_the_code() -> None:
+    """The fallback frame's codes are turn.FALLBACK_MESSAGES; ImageBase64 names images.py's limits."""
+    spec = load_spec()
+    schemas = spec["components"]["schemas"]
+    assert set(schemas["StreamError"]["properties"]["code"]["enum"]) == set(FALLBACK_MESSAGES)
+    error_event = next(s for s in schemas["StreamXEvent"]["oneOf"] if s["title"] == "error")
+    assert set(error_event["properties"]["code"]["enum"]) == set(FALLBACK_MESSAGES)
+    description = schemas["ImageBase64"]["description"]
+    assert f"{MAX_IMAGE_SIDE} px on a side" in description
+    assert f"{MAX_IMAGE_PIXELS:,} px in all" in description
+
+
+def test_lifecycle_hooks_are_not_in_the_document() -> None:
+    """FC's /initialize and /pre-stop are served outside the route tables and stay out of `paths`."""
+    spec = load_spec()
+    assert not {"/initialize", "/pre-stop"} & set(spec["paths"])
+    assert "x-fc-control-path" in spec["info"]["description"]
 
 
 def test_extensions_are_marked() -> None:
@@ -612,7 +715,7 @@ def sse_frames(ctx: schemathesis.CheckContext, response: schemathesis.Response, 
     content_type = (response.headers.get("content-type") or [""])[0]
     if response.status_code != 200 or not content_type.startswith("text/event-stream"):
         return
-    events = response.text.split("\n\n")
+    events = sse_events(response.text)
     if response.stream_cut_short:  # schemathesis stopped reading at max-stream-events: no [DONE] to see
         events = [*events[:-1], "data: [DONE]", ""]
     assert events[-2:] == ["data: [DONE]", ""], f"the stream does not end with data: [DONE]: {response.text[-200:]!r}"
@@ -1004,7 +1107,7 @@ def stream_frames(response: schemathesis.Response) -> list[str]:
     """The payloads of a 200 event stream, [DONE] last."""
     assert response.status_code == 200, response.text[:300]
     assert response.text.endswith("data: [DONE]\n\n")
-    return [event.removeprefix("data: ") for event in response.text.split("\n\n") if event]
+    return [event.removeprefix("data: ") for event in sse_events(response.text) if event]
 
 
 def test_regenerate_replaces_the_last_reply(live: LiveServices) -> None:
@@ -1384,15 +1487,78 @@ def test_another_users_conversation_is_not_found(live: LiveServices) -> None:
     assert conversation(live, conversation_id, owner)["title"] == "私人会话"
 
 
-def test_send_code_refuses_a_non_json_body_as_documented(live: LiveServices) -> None:
-    """text/plain (a CORS "simple" request) answers the documented 415 in the contract's shape."""
-    spec = load_spec()
-    documented = spec_operations(spec)["send_code"]["operation"]["responses"]["415"]
-    answer = requests.post(
-        f"{live.login_url}/send_code",
-        data='{"phone_number":"10086"}',
-        headers={**live.headers("POST", "/send_code"), "Content-Type": "text/plain"},
-        timeout=30,
+@pytest.mark.parametrize(
+    ("operation_id", "content_type"),
+    [
+        pytest.param("send_code", "text/plain", id="send-code-text-plain"),
+        pytest.param("send_code", None, id="send-code-no-content-type"),
+        pytest.param("login", "application/x-www-form-urlencoded", id="login-form"),
+    ],
+)
+def test_login_operations_refuse_a_non_json_body_as_documented(
+    live: LiveServices, operation_id: str, content_type: str | None
+) -> None:
+    """A body that is not application/json (a CORS "simple" request) answers the documented 415."""
+    operation = SCHEMA.find_operation_by_id(operation_id)
+    headers = live.headers(operation.method, operation.path)
+    if content_type is not None:
+        headers["Content-Type"] = content_type
+    body = json.dumps({**TEST_ACCOUNT, "phone_number": random_phone()})
+    response = operation.Case().call_and_validate(
+        base_url=live.login_url, headers=headers, checks=CHECKS, timeout=30, data=body.encode()
     )
-    assert answer.status_code == 415 and answer.json()["code"] == "UnsupportedMediaType"
-    assert documented_codes(spec, resolve(spec, documented)) == {"UnsupportedMediaType"}
+    assert response.request.headers.get("Content-Type") == content_type  # nothing added one on the way
+    answer(response, 415, "UnsupportedMediaType")
+    response_validator("UnsupportedMediaType").validate(json.loads(response.text))
+    assert response.headers["cache-control"] == ["no-store"]
+    assert response.headers["x-content-type-options"] == ["nosniff"]
+
+
+def raw_exchange(base_url: str, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send raw bytes to a service and read its answer to the end (the server closes the connection)."""
+    host, port = base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(request)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+    return int(status_line.split(" ")[1]), headers, body
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        pytest.param(b"GET /health?" + b"x" * 5000 + b" HTTP/1.1\r\nHost: a\r\n\r\n", 414, id="request-line"),
+        pytest.param(b"GET /health HTTP/1.1\r\nHost: a\r\nX-Big: " + b"x" * 9000 + b"\r\n\r\n", 431, id="header"),
+        pytest.param(b"GET /health HTTP/1.1\r\nHost: a\r\nExpect: teapot\r\n\r\n", 417, id="expect"),
+        pytest.param(b"GET /health HTTP/1.1\r\nHost: a\r\nContent-Length: x\r\n\r\n", 400, id="content-length"),
+    ],
+)
+def test_refused_requests_answer_the_documented_shape(live: LiveServices, request_bytes: bytes, status: int) -> None:
+    """What gunicorn refuses before the app is components/responses/RefusedRequest, with the status it names."""
+    answered, headers, body = raw_exchange(live.login_url, request_bytes)
+    assert answered == status, body[:300]
+    assert headers["content-type"].startswith("application/json")
+    assert headers["x-content-type-options"] == "nosniff"
+    response_validator("RefusedRequest").validate(json.loads(body))
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "control_path"),
+    [("POST", "/initialize", None), ("POST", "/initialize", "/pre-stop"), ("GET", "/pre-stop", None)],
+)
+def test_lifecycle_hooks_are_unknown_paths_to_clients(
+    live: LiveServices, method: str, path: str, control_path: str | None
+) -> None:
+    """/initialize and /pre-stop without FC's matching x-fc-control-path answer the documented 404 NotFound."""
+    headers = {"x-fc-control-path": control_path} if control_path else {}
+    for base_url in (live.login_url, live.chat_url):
+        response = requests.request(method, base_url + path, headers=headers, timeout=30)
+        assert response.status_code == 404, response.text[:300]
+        assert response.headers["X-Request-Id"] and response.headers["X-Content-Type-Options"] == "nosniff"
+        body = response.json()
+        response_validator("NotFound").validate(body)
+        assert body["code"] == "NotFound"
