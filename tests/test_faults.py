@@ -274,3 +274,22 @@ def test_a_requests_database_wait_is_bounded_in_all(start_server, db_url, fake_d
     assert_error(res, 500, "DatabaseError")
     assert elapsed < 4.5, elapsed  # one budget of 3 s, not a 10 s wait per statement
     assert query(db_url, "SELECT COUNT(*) FROM users")[0][0] >= 1
+
+
+def test_a_running_stream_keeps_its_slot_past_the_lease(start_server, db_url, fake_llm, new_user):
+    # The lease is short (2 s) but renewed by the running process: a stream that lasts longer still holds
+    # its slot, and a second one is refused, with Retry-After the real time left on the lease.
+    server = start_server(
+        "chat", **chat_env(fake_llm, db_url, AICHAT_STREAM_LEASE=6, AICHAT_CHAT_MAX_CONCURRENT_STREAMS=1)
+    )
+    client = Client(server.base_url, token=new_user()[1])
+    fake_llm.enqueue(chunks=[f"{i}" for i in range(16)], delay=0.5)  # 8 s, longer than the lease
+    res = stream(client, {"role_code": "naitang", "message": "长长的回答"})
+    events = sse_events(res)
+    next(events)
+    refused = client.post("/chat/stream", {"role_code": "naitang", "message": "插队"})
+    assert_error(refused, 429, "RateLimited")
+    assert 4 <= int(refused.headers["Retry-After"]) <= 6  # the lease's time left, not a constant
+    time.sleep(7)  # past the first lease: only its renewal keeps the slot taken
+    assert_error(client.post("/chat/stream", {"role_code": "naitang", "message": "还插队"}), 429, "RateLimited")
+    assert [p for _, p in events][-1] == "[DONE]"
