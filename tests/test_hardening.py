@@ -37,7 +37,8 @@ class TestChatRateLimits:
             chat_once(client, {"role_code": "naitang", "message": f"第{i}条"})
         res = client.post("/chat/stream", {"role_code": "naitang", "message": "第4条"})
         assert_error(res, 429, "RateLimited")
-        assert 1 <= int(res.headers["Retry-After"]) <= 60
+        # About a minute from the oldest counted message (sent a moment ago), not a constant.
+        assert 50 <= int(res.headers["Retry-After"]) <= 60
         # Clearing the history does not reset the counter, and the refused message was not stored.
         assert [m["content"] for m in history(client) if m["sender_role"] == "user"] == ["第0条", "第1条", "第2条"]
         client.post("/chat/clear", {"role_code": "naitang"})
