@@ -184,8 +184,7 @@ class Database:
             except ApiError:
                 raise
             except Exception as exc:
-                log.error("database unavailable", extra={"error": type(exc).__name__, "detail": str(exc)[:200]})
-                raise ApiError("DatabaseError") from exc
+                raise _failure("database unavailable", exc) from exc
             try:
                 result = work(Tx(conn, self.dialect))
             except Exception as exc:
@@ -195,8 +194,7 @@ class Database:
                 self._forget(conn)
                 if attempt == 1 and pooled:
                     continue
-                log.error("database error", extra={"error": type(exc).__name__, "detail": str(exc)[:200]})
-                raise ApiError("DatabaseError") from exc
+                raise _failure("database error", exc) from exc
             self._give_back(conn)
             return result
         raise AssertionError("unreachable")
@@ -232,8 +230,7 @@ class Database:
                     self._forget(conn)
                 if attempt == 1 and conn is not None and pooled and self.dialect == "mysql":
                     continue
-                log.error("database unavailable", extra={"error": type(exc).__name__, "detail": str(exc)[:200]})
-                raise ApiError("DatabaseError") from exc
+                raise _failure("database unavailable", exc) from exc
         raise AssertionError("unreachable")
 
     @contextmanager
@@ -244,15 +241,13 @@ class Database:
         except ApiError:
             raise
         except Exception as exc:
-            log.error("database unavailable", extra={"error": type(exc).__name__, "detail": str(exc)[:200]})
-            raise ApiError("DatabaseError") from exc
+            raise _failure("database unavailable", exc) from exc
         try:
             yield Tx(conn, self.dialect)
         except Exception as exc:
             self._forget(conn)
             if _is_driver_error(exc):
-                log.error("database error", extra={"error": type(exc).__name__, "detail": str(exc)[:200]})
-                raise ApiError("DatabaseError") from exc
+                raise _failure("database error", exc) from exc
             raise
         except BaseException:
             self._forget(conn)
@@ -277,8 +272,7 @@ class Database:
         except Exception as exc:
             self._end(conn, commit=False)
             if _is_driver_error(exc):
-                log.error("database error", extra={"error": type(exc).__name__, "detail": str(exc)[:200]})
-                raise ApiError("DatabaseError") from exc
+                raise _failure("database error", exc) from exc
             raise
         except BaseException:
             self._end(conn, commit=False)
@@ -300,6 +294,12 @@ class Database:
             return False
         self._give_back(conn)
         return True
+
+
+def _failure(what: str, exc: BaseException) -> ApiError:
+    """Log a driver failure (type and a short detail, never the SQL's values) and make it the contract's error."""
+    log.error(what, extra={"error": type(exc).__name__, "detail": str(exc)[:200]})
+    return ApiError("DatabaseError")
 
 
 def _close_quietly(conn: Any) -> None:
