@@ -167,6 +167,9 @@ class TestHeaders:
         assert mine.headers["Cache-Control"] == "no-store" and mine.headers["X-Content-Type-Options"] == "nosniff"
         error = user.get("/chat/history")
         assert error.headers["X-Content-Type-Options"] == "nosniff"
+        # A streamed operation's JSON error is a user's answer too.
+        refused = user.post("/chat/stream", {"role_code": "naitang"})
+        assert refused.status_code == 400 and refused.headers["Cache-Control"] == "no-store"
 
     def test_preflight_has_no_html_type(self, login_server):
         res = requests.options(

@@ -167,8 +167,9 @@ def create_app(
         response.headers["X-Content-Type-Options"] = "nosniff"
         route = by_operation.get(request.endpoint or "")
         private = route is not None and (route.auth == "bearer_jwt" or route.operation_id in NO_STORE_OPERATIONS)
-        if private and route.response_type == "json":  # type: ignore[union-attr]
-            # Tokens and a user's own data must never sit in a shared or browser cache.
+        if private and response.mimetype == "application/json":
+            # Tokens and a user's own data must never sit in a shared or browser cache (a stream's JSON
+            # errors included; the stream itself says no-cache, no-transform).
             response.headers["Cache-Control"] = "no-store"
         if route is None or route.response_type == "json" or response.status_code != 200:
             _log_access(response.status_code, route)
