@@ -10,6 +10,15 @@ Reply: ``text`` (split into word-sized pieces) or ``chunks`` (the content pieces
 (streamed first as ``reasoning_content``); ``usage`` (forced usage object; otherwise it is sent only when the
 request asks with ``stream_options.include_usage``); ``no_done`` (end without ``data: [DONE]``).
 
+Function calling: ``tool_calls`` -- a list of ``{"name", "arguments" (a JSON string or an object), "id"?}``
+streamed after any ``text``/``chunks`` the way DashScope streams them (the first chunk of a call carries its
+``id``, ``type`` and ``function.name``; later ones an empty ``id``, no name, and pieces of ``function.arguments``;
+the round ends with an empty delta and ``finish_reason: "tool_calls"``). ``tool_calls_interleaved`` -- send the
+calls' argument pieces interleaved across calls (index order within each step), as parallel calls may arrive.
+Unscripted, a request that offers ``tools`` (and no ``tool_choice: "none"``) gets a call when its last user
+message asks for what a tool answers (weather, news, the time, "我上次跟谁聊的"); a request whose last message
+is a tool result gets a reply built on those results.
+
 Timing: ``delay`` (seconds before each reasoning or content frame; the server default otherwise), ``first_byte_delay``
 (before the status line), ``headers_then_delay`` (after the headers, before the first frame).
 
@@ -51,9 +60,12 @@ CHAT_PATHS = frozenset({"/chat/completions", "/v1/chat/completions", "/compatibl
 
 _INT_KEYS = ("status", "drop_after", "malformed_after", "overlong_after", "hang_after", "overlong_bytes")
 _FLOAT_KEYS = ("delay", "first_byte_delay", "headers_then_delay")
-_BOOL_KEYS = ("bom", "multiline", "gzip", "comments")
+_BOOL_KEYS = ("bom", "multiline", "gzip", "comments", "tool_calls_interleaved")
 SCRIPT_KEYS = frozenset(
-    _INT_KEYS + _FLOAT_KEYS + _BOOL_KEYS + ("body", "text", "chunks", "no_done", "reasoning", "usage", "line_ending")
+    _INT_KEYS
+    + _FLOAT_KEYS
+    + _BOOL_KEYS
+    + ("body", "text", "chunks", "no_done", "reasoning", "usage", "line_ending", "tool_calls")
 )
 LINE_ENDINGS = ("\n", "\r\n", "\r")
 DEFAULT_OVERLONG_BYTES = 2_000_000
@@ -106,7 +118,118 @@ def validate_script(script: Any) -> dict[str, Any]:
             raise ValueError(f"{key} must be a boolean")
     if script.get("line_ending") is not None and script["line_ending"] not in LINE_ENDINGS:
         raise ValueError(f"line_ending must be one of {list(LINE_ENDINGS)}")
+    calls = script.get("tool_calls")
+    if calls is not None and (
+        not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in calls)
+    ):
+        raise ValueError("tool_calls must be a list of objects with a name")
     return dict(script)
+
+
+# What the unscripted stand-in model calls a tool for (the first pattern that matches the user's words).
+_INTENTS = (
+    ("get_weather", re.compile(r"天气|气温|下雨|下雪|冷不冷|热不热|穿什么|温度")),
+    ("get_hot_news", re.compile(r"新闻|热搜|热点|八卦|热榜")),
+    ("recall_recent_chats", re.compile(r"上次.*聊|跟谁聊|和谁聊|聊过谁|最近.*聊")),
+    ("get_current_time", re.compile(r"几号|几点|星期几|周几|礼拜几|日期|今天.*号")),
+)
+_KNOWN_CITIES = ("杭州", "北京", "上海", "广州", "深圳", "成都", "南京", "武汉", "西安", "重庆", "天津", "苏州")
+_CITY_RE = re.compile(r"([\u4e00-\u9fa5]{2,4}?)(?:市)?(?:现在|今天|明天|后天|这几天)?的?(?:天气|气温)")
+
+
+def _city(text: str, fallback: str = "杭州") -> str:
+    for city in _KNOWN_CITIES:
+        if city in text:
+            return city
+    match = _CITY_RE.search(text)
+    if match and match.group(1) not in ("现在", "今天", "明天", "后天", "那边", "这边", "外面"):
+        return match.group(1)
+    return fallback
+
+
+def tool_plan(body: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The calls the stand-in model makes for this request, if any (see the module docstring)."""
+    tools = body.get("tools")
+    messages = body.get("messages")
+    if not isinstance(tools, list) or body.get("tool_choice") == "none" or not isinstance(messages, list):
+        return None
+    if not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "user":
+        return None
+    offered = {t.get("function", {}).get("name") for t in tools if isinstance(t, dict)}
+    text, _ = _message_text(messages[-1].get("content"))
+    for name, pattern in _INTENTS:
+        if name in offered and pattern.search(text):
+            if name == "get_weather":
+                if re.search(r"明天|后天", text) and _earlier_weather(messages):
+                    return None  # the earlier result already holds the forecast
+                return [{"name": name, "arguments": {"city": _city(text)}}]
+            if name == "get_hot_news":
+                return [{"name": name, "arguments": {"limit": 5}}]
+            return [{"name": name, "arguments": {}}]
+    return None
+
+
+def _tool_results(messages: list[Any]) -> list[dict[str, Any]]:
+    """The results of the tool messages at the end of the context (this round's)."""
+    results = []
+    for message in reversed(messages):
+        if not isinstance(message, dict) or message.get("role") != "tool":
+            break
+        try:
+            results.insert(0, json.loads(message.get("content") or "{}"))
+        except ValueError:
+            results.insert(0, {"ok": False, "error": "unreadable"})
+    return results
+
+
+def _earlier_weather(messages: list[Any]) -> dict[str, Any] | None:
+    for message in reversed(messages):
+        if isinstance(message, dict) and message.get("role") == "tool":
+            try:
+                result = json.loads(message.get("content") or "{}")
+            except ValueError:
+                continue
+            if isinstance(result.get("data"), dict) and "forecast" in result["data"]:
+                return result["data"]
+    return None
+
+
+def answer_from_tools(messages: Any) -> str | None:
+    """A reply built on tool results (this round's, or an earlier weather forecast for "明天呢")."""
+    if not isinstance(messages, list) or not messages:
+        return None
+    parts: list[str] = []
+    for result in _tool_results(messages):
+        data = result.get("data") if isinstance(result.get("data"), dict) else {}
+        if not result.get("ok"):
+            parts.append(f"工具没能查到（{result.get('error')}）。")
+        elif "now" in data:
+            now = data["now"]
+            parts.append(f"{data.get('city')}现在{now.get('weather')}，{now.get('temperature_c')}°C。")
+        elif "items" in data:
+            titles = "；".join(item["title"] for item in data["items"][:3])
+            parts.append(f"现在大家在聊：{titles}。")
+        elif "chats" in data:
+            names = "、".join(chat["role_name"] for chat in data["chats"]) or "没有别人"
+            parts.append(f"你最近聊过的是：{names}。")
+        elif "weekday" in data:
+            parts.append(f"今天是{data['date']}，{data['weekday']}，现在{data['time']}。")
+        else:
+            parts.append("我查到了一些结果。")
+    if not parts:
+        last = messages[-1] if isinstance(messages[-1], dict) else {}
+        text, _ = _message_text(last.get("content")) if last.get("role") == "user" else ("", 0)
+        earlier = _earlier_weather(messages) if re.search(r"明天|后天", text) else None
+        if not earlier:
+            return None
+        day = earlier["forecast"][2 if "后天" in text else 1] if len(earlier.get("forecast", [])) > 2 else None
+        if day is None:
+            return None
+        parts.append(
+            f"{earlier.get('city')}{'后天' if '后天' in text else '明天'}白天{day['day_weather']}，"
+            f"夜里{day['night_weather']}，{day['low_c']}到{day['high_c']}°C。"
+        )
+    return "（本地替身模型）" + "".join(parts)
 
 
 def _message_text(content: Any) -> tuple[str, int]:
@@ -405,8 +528,11 @@ class _Handler(BaseHTTPRequestHandler):
             content = list(script["chunks"])
         elif script.get("text") is not None:
             content = split_pieces(script["text"])
+        elif script.get("tool_calls") is not None:
+            content = []
         else:
-            content = split_pieces(default_reply(body.get("messages")))
+            from_tools = answer_from_tools(body.get("messages"))
+            content = split_pieces(from_tools or default_reply(body.get("messages")))
         reasoning = split_pieces(script.get("reasoning") or "")
         return reasoning, content
 
@@ -459,9 +585,17 @@ class _Handler(BaseHTTPRequestHandler):
         def event(choices: list[dict[str, Any]], **extra: Any) -> None:
             framer.json_event({**base, "choices": choices, **extra, "x_sent_at": time.time()})
 
+        calls = script.get("tool_calls")
+        if calls is None and not script:
+            calls = tool_plan(body)
+            if calls:
+                content = []
         frames: list[tuple[dict[str, Any], str | None]] = [({"reasoning_content": p}, None) for p in reasoning]
         frames += [({"content": p}, None) for p in content]
-        if content:
+        if calls:
+            frames += [(delta, None) for delta in _call_deltas(calls, bool(script.get("tool_calls_interleaved")))]
+            frames.append(({}, "tool_calls"))
+        elif content:
             frames[-1] = (frames[-1][0], "stop")
         else:
             frames.append(({}, "stop"))
@@ -508,6 +642,33 @@ class _Handler(BaseHTTPRequestHandler):
             raise _Abort
         if due("hang_after"):
             self._pause(math.inf)
+
+
+def _call_deltas(calls: list[dict[str, Any]], interleaved: bool) -> list[dict[str, Any]]:
+    """DashScope's streamed tool-call deltas: per call a head chunk (id, type, name, no arguments yet) and
+    argument pieces with an empty id and no name; one call after another, or interleaved."""
+    per_call: list[list[dict[str, Any]]] = []
+    for index, call in enumerate(calls):
+        arguments = call.get("arguments", {})
+        if not isinstance(arguments, str):
+            arguments = _dumps(arguments)
+        call_id = call.get("id") or f"call_{uuid.uuid4().hex[:24]}"
+        head = {"index": index, "id": call_id, "type": "function", "function": {"name": call["name"], "arguments": ""}}
+        pieces = [arguments[i : i + 7] for i in range(0, len(arguments), 7)] or [""]
+        tail = [{"index": index, "id": "", "type": "function", "function": {"arguments": p}} for p in pieces]
+        per_call.append([head, *tail])
+    if interleaved:
+        steps = max(len(c) for c in per_call)
+        ordered = [c[i] for i in range(steps) for c in per_call if i < len(c)]
+    else:
+        ordered = [chunk for c in per_call for chunk in c]
+    deltas = []
+    for position, chunk in enumerate(ordered):
+        delta: dict[str, Any] = {"tool_calls": [chunk]}
+        if position == 0:
+            delta = {"role": "assistant", "content": None, **delta}
+        deltas.append(delta)
+    return deltas
 
 
 def _overlong_line(base: dict[str, Any], size: int) -> bytes:

@@ -9,6 +9,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dev.fake_tools import FakeTools
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYER = ROOT / "layers" / "common" / "python"
@@ -56,6 +60,26 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 30) -> None:
     raise SystemExit(f"{url} did not answer within {timeout_s:.0f} s")
 
 
+def start_tool_fakes(env: dict[str, str]) -> FakeTools | None:
+    """Loopback fakes for the tool providers whose settings the caller did not give (weather without a
+    key; the hot boards without a base URL: a local run does not scrape the real sites by default)."""
+    fake_weather = not (env.get("AICHAT_AMAP_KEY") or env.get("AICHAT_QWEATHER_KEY"))
+    fake_news = not (env.get("AICHAT_BAIDU_BASE_URL") or env.get("AICHAT_TOUTIAO_BASE_URL"))
+    if not (fake_weather or fake_news):
+        return None
+    from dev.fake_tools import FakeTools
+
+    providers = FakeTools().start()
+    for name, value in providers.env().items():
+        weather_var = name.startswith(("AICHAT_AMAP", "AICHAT_QWEATHER"))
+        if (weather_var and fake_weather) or (not weather_var and fake_news):
+            env[name] = value
+    if fake_weather:
+        env["AICHAT_WEATHER_PROVIDER"] = "amap"
+    print(f"Tool providers without settings (weather, hot news) answer from local fakes at {providers.base_url}")
+    return providers
+
+
 def main() -> int:
     """Migrate, then run LoginService, ChatService and (without an LLM key) the local fake upstream."""
     data_dir = Path(os.environ.get("AICHAT_DATA_DIR", ROOT / "data")).resolve()
@@ -67,7 +91,7 @@ def main() -> int:
 
     subprocess.run([sys.executable, "-m", "aichat.manage", "migrate"], env=env, check=True)
     procs: list[subprocess.Popen] = []
-    fake = web = None
+    fake = web = providers = None
     has_chat = (ROOT / "functions" / "chat" / "app.py").exists()
     try:
         if has_chat and not (env.get("AICHAT_LLM_API_KEY") or env.get("DASHSCOPE_API_KEY")):
@@ -77,6 +101,7 @@ def main() -> int:
             env["AICHAT_LLM_BASE_URL"] = fake.base_url
             env["AICHAT_LLM_API_KEY"] = "local-fake-key"
             print(f"No LLM key set: replies come from the local stand-in model at {fake.base_url}")
+        providers = start_tool_fakes(env) if has_chat else None
         procs.append(serve("login", login_port, env))
         wait_ready(f"http://127.0.0.1:{login_port}/health", procs[-1])
         if has_chat:
@@ -110,6 +135,8 @@ def main() -> int:
                 proc.kill()
         if fake is not None:
             fake.stop()
+        if providers is not None:
+            providers.stop()
         if web is not None:
             web.stop()
 

@@ -25,3 +25,8 @@ CREATE TABLE IF NOT EXISTS conversations ( id CHAR(24) NOT NULL PRIMARY KEY, uid
 ALTER TABLE messages ADD COLUMN conversation_id CHAR(24) NULL;
 -- data step: every (user, role) history becomes that role's default conversation (ids and order unchanged)
 CREATE INDEX ix_messages_conversation_id ON messages (conversation_id, id);
+
+-- migration 6: tool calls and role skills
+ALTER TABLE messages ADD COLUMN tool_calls MEDIUMTEXT NULL;
+ALTER TABLE roles ADD COLUMN skills TEXT NULL;
+CREATE TABLE IF NOT EXISTS tool_runs ( id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY, uid CHAR(24) NOT NULL, tool VARCHAR(64) NOT NULL, created_at BIGINT NOT NULL, KEY ix_tool_runs_uid (uid, created_at)) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;

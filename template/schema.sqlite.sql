@@ -33,3 +33,9 @@ CREATE INDEX IF NOT EXISTS ix_conversations_role ON conversations (uid, role_cod
 ALTER TABLE messages ADD COLUMN conversation_id TEXT;
 -- data step: every (user, role) history becomes that role's default conversation (ids and order unchanged)
 CREATE INDEX ix_messages_conversation_id ON messages (conversation_id, id);
+
+-- migration 6: tool calls and role skills
+ALTER TABLE messages ADD COLUMN tool_calls TEXT;
+ALTER TABLE roles ADD COLUMN skills TEXT;
+CREATE TABLE IF NOT EXISTS tool_runs ( id INTEGER PRIMARY KEY AUTOINCREMENT, uid TEXT NOT NULL, tool TEXT NOT NULL, created_at INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS ix_tool_runs_uid ON tool_runs (uid, created_at);

@@ -12,6 +12,7 @@ import jwt
 import pytest
 import requests
 from aichat.chat.context import estimate_tokens, message_tokens
+from aichat.chat.tooluse import TOOL_GUIDANCE
 
 from tests.conftest import ROLES_FILE, chat_env
 from tests.helpers import (
@@ -122,7 +123,8 @@ class TestStream:
         assert body["stream"] is True and body["model"] == "qwen-plus"
         assert body["temperature"] == 0.8 and body["max_tokens"] == 100
         messages = body["messages"]
-        assert messages[0] == {"role": "system", "content": NAITANG_PROMPT}
+        # The role's prompt, then (奶糖 has skills) the note that tool results are data, not instructions.
+        assert messages[0] == {"role": "system", "content": NAITANG_PROMPT + TOOL_GUIDANCE}
         # The opening message the user saw comes first, then the history, then the new turn.
         assert messages[1] == {"role": "assistant", "content": CONTRACT_NAITANG["opening_message"]}
         assert [m["role"] for m in messages[2:]] == ["user", "assistant", "user"]
@@ -178,7 +180,7 @@ class TestStream:
             fake_llm.enqueue(chunks=["好的"])
             chat_once(client, {"role_code": "naitang", "message": text})
         head = [
-            {"role": "system", "content": NAITANG_PROMPT},
+            {"role": "system", "content": NAITANG_PROMPT + TOOL_GUIDANCE},
             {"role": "assistant", "content": CONTRACT_NAITANG["opening_message"]},
         ]
         turn = {"role": "user", "content": "最后"}
@@ -206,7 +208,7 @@ class TestStream:
         chat_once(client, {"role_code": "naitang", "message": "第二句"})
         sent = fake_llm.requests[0]["body"]["messages"]
         assert [m["role"] for m in sent] == ["system", "assistant", "user"]
-        assert sent[0]["content"] == NAITANG_PROMPT and sent[-1]["content"] == "第二句"
+        assert sent[0]["content"] == NAITANG_PROMPT + TOOL_GUIDANCE and sent[-1]["content"] == "第二句"
 
     def test_usage_and_reasoning_are_stored_apart(self, user, fake_llm, db_url):
         fake_llm.enqueue(reasoning="先想一想用户的情绪", chunks=["抱", "抱你"])

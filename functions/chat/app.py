@@ -10,27 +10,37 @@ from aichat.chat.conversation_api import ConversationApi
 from aichat.chat.history import History
 from aichat.chat.roles import RoleCatalog
 from aichat.chat.service import ChatService
+from aichat.chat.skills_api import SkillsApi
 from aichat.config import Settings, load_settings
 from aichat.llm import LlmClient
 from aichat.store import open_database
+from aichat.tools.registry import ToolRegistry, build_registry
 from aichat.web import ApiRequest, Route, create_app, json_response, sse_response
 from flask import Flask
 
 
-def build_app(settings: Settings | None = None, *, llm_client: LlmClient | None = None, db: Any = None) -> Flask:
+def build_app(
+    settings: Settings | None = None,
+    *,
+    llm_client: LlmClient | None = None,
+    db: Any = None,
+    tools: ToolRegistry | None = None,
+) -> Flask:
     """ChatService's app: from the environment on FC, from the given settings and clients in tests."""
     settings = settings or load_settings(service="chat")
     db = db or open_database(settings)
     roles = RoleCatalog(db, roles_file=settings.roles_file)
+    tools = tools or build_registry(settings, db, roles.nickname)
     client = llm_client or LlmClient(
         base_url=settings.llm_base_url,
         api_key=settings.llm_api_key,
         connect_timeout_s=settings.llm_connect_timeout_s,
         read_timeout_s=settings.llm_read_timeout_s,
     )
-    chat = ChatService(settings, db, roles, client)
+    chat = ChatService(settings, db, roles, client, tools=tools)
     history = History(settings, db, roles)
     threads = ConversationApi(settings, db, roles)
+    skills = SkillsApi(settings, db, roles, tools)
 
     def chat_roles(req: ApiRequest):
         """The enabled roles' public fields (no auth)."""
@@ -84,6 +94,28 @@ def build_app(settings: Settings | None = None, *, llm_client: LlmClient | None 
         """Delete a conversation and its messages (extension)."""
         return threads.delete(req.user_uid(), req.json())
 
+    def chat_role_skills(req: ApiRequest) -> dict:
+        """A role's skills, with the role's own names for them (no auth, like the roles; extension)."""
+        return skills.role_skills(req.args)
+
+    def chat_skill(req: ApiRequest):
+        """Use one of the role's skills now; the role answers about the result, streamed (?stream=0: JSON)."""
+        if req.args.get("stream") == "0":
+            return chat.skill_send(req.user_uid(), req.json())
+        return sse_response(chat.skill(req.user_uid(), req.json(), client=req.client_socket))
+
+    def chat_tools(req: ApiRequest) -> dict:
+        """Every tool this deployment runs (extension)."""
+        return skills.list()
+
+    def chat_tool(req: ApiRequest) -> dict:
+        """One tool by name (extension)."""
+        return skills.show(req.args)
+
+    def chat_tool_execute(req: ApiRequest) -> dict:
+        """Run a tool by hand (rate limited; extension)."""
+        return skills.execute(req.user_uid(), req.json())
+
     def initialize() -> None:
         """FC's initializer: open a database connection and load what the first streams need."""
         db.warm()
@@ -105,6 +137,11 @@ def build_app(settings: Settings | None = None, *, llm_client: LlmClient | None 
         Route("chat_conversation", "GET", "/chat/conversation", "bearer_jwt", chat_conversation),
         Route("chat_conversation_update", "POST", "/chat/conversation/update", "bearer_jwt", chat_conversation_update),
         Route("chat_conversation_delete", "POST", "/chat/conversation/delete", "bearer_jwt", chat_conversation_delete),
+        Route("chat_role_skills", "GET", "/chat/role/skills", "none", chat_role_skills),
+        Route("chat_skill", "POST", "/chat/skill", "bearer_jwt", chat_skill, response_type="sse"),
+        Route("chat_tools", "GET", "/chat/tools", "none", chat_tools),
+        Route("chat_tool", "GET", "/chat/tool", "none", chat_tool),
+        Route("chat_tool_execute", "POST", "/chat/tool/execute", "bearer_jwt", chat_tool_execute),
     ]
     return create_app(
         service="chat",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-from aichat import chat, tokens
+from aichat import chat, tokens, tools
 from aichat.accounts.service import Accounts
 from aichat.accounts.sms import build_sms_provider
 from aichat.config import Settings, load_settings
@@ -19,7 +19,9 @@ def build_app(settings: Settings | None = None, *, sms: Any = None, db: Any = No
     settings = settings or load_settings(service="login")
     db = db or open_database(settings)
     # Deleting an account erases what ChatService stored too (its feature's own delete_for_user).
-    accounts = Accounts(settings, db, sms or build_sms_provider(settings), erasers=[chat.delete_for_user])
+    accounts = Accounts(
+        settings, db, sms or build_sms_provider(settings), erasers=[chat.delete_for_user, tools.delete_for_user]
+    )
 
     def login_health(req: ApiRequest) -> dict:
         """Liveness for FC's health check and for clients."""

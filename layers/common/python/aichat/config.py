@@ -18,6 +18,8 @@ DEFAULT_LLM_BASE_URL = "https://dashscope.aliyuncs.com/compatible-mode/v1"
 
 ENVIRONMENTS = ("local", "test", "production")
 SMS_PROVIDERS = ("dysms", "console")
+WEATHER_PROVIDERS = ("amap", "qweather")
+NEWS_SOURCES = ("baidu", "toutiao")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 MIN_PRODUCTION_SECRET_BYTES = 32
 
@@ -116,6 +118,25 @@ class Settings:
     # The most a request (not a stream) waits on the database in all, over all its statements.
     db_request_budget_s: float = 10.0
 
+    # Tools (role skills). A tool whose provider is not configured is not offered.
+    tools_enabled: bool = True
+    tool_timeout_s: float = 5.0  # each call's own bound (provider connect + read within it)
+    tool_max_rounds: int = 4  # rounds with tool calls in one reply; the next round answers without tools
+    tool_output_max_chars: int = 4000  # what the model reads of one result
+    tool_execute_per_minute: int = 20  # POST /chat/tool/execute per user
+    weather_provider: str = "amap"
+    amap_base_url: str = "https://restapi.amap.com"
+    amap_key: str = field(default="", repr=False)
+    qweather_base_url: str = ""  # every QWeather developer has an API host of their own
+    qweather_key: str = field(default="", repr=False)
+    news_sources: tuple[str, ...] = ("baidu", "toutiao")
+    baidu_base_url: str = "https://top.baidu.com"
+    toutiao_base_url: str = "https://www.toutiao.com"
+    news_cache_s: float = 600.0
+    # Send DashScope's `enable_search` for roles with the web_search skill (off for other upstreams).
+    llm_search_flag: bool = True
+    search_strategy: str = "turbo"
+
     def __post_init__(self) -> None:
         if not self.llm_models:
             object.__setattr__(self, "llm_models", (self.llm_model,))
@@ -153,6 +174,17 @@ class Settings:
             raise ConfigError("AICHAT_DB_URL must start with sqlite:/// or mysql://")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"AICHAT_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}")
+        if self.weather_provider not in WEATHER_PROVIDERS:
+            raise ConfigError(f"AICHAT_WEATHER_PROVIDER must be one of {', '.join(WEATHER_PROVIDERS)}")
+        unknown = [source for source in self.news_sources if source not in NEWS_SOURCES]
+        if unknown:
+            raise ConfigError(f"AICHAT_NEWS_SOURCES: unknown source {unknown[0]!r} (known: {', '.join(NEWS_SOURCES)})")
+        for name in ("amap_base_url", "qweather_base_url", "baidu_base_url", "toutiao_base_url"):
+            value = getattr(self, name)
+            if value and not value.startswith(("https://", "http://")):
+                raise ConfigError(f"{env_name(name)} must be an http(s) URL")
+        if self.tool_max_rounds > 10:
+            raise ConfigError("AICHAT_TOOL_MAX_ROUNDS must be at most 10")
         for origin in self.cors_origins:
             if origin != "*" and (origin.endswith("/") or "://" not in origin):
                 raise ConfigError(f"AICHAT_CORS_ORIGINS: {origin!r} is not an origin (scheme://host[:port], no slash)")
@@ -185,6 +217,11 @@ class Settings:
             "reply_save_window_s",
             "sse_heartbeat_s",
             "db_request_budget_s",
+            "tool_timeout_s",
+            "tool_max_rounds",
+            "tool_output_max_chars",
+            "tool_execute_per_minute",
+            "news_cache_s",
             "db_read_timeout_s",
             "llm_connect_timeout_s",
             "llm_read_timeout_s",
@@ -290,6 +327,22 @@ ENV_VARS: dict[str, tuple[str, object]] = {
     "AICHAT_SPOOL_DIR": ("spool_dir", str),
     "AICHAT_SSE_HEARTBEAT": ("sse_heartbeat_s", float),
     "AICHAT_DB_REQUEST_BUDGET": ("db_request_budget_s", float),
+    "AICHAT_TOOLS": ("tools_enabled", _flag),
+    "AICHAT_TOOL_TIMEOUT": ("tool_timeout_s", float),
+    "AICHAT_TOOL_MAX_ROUNDS": ("tool_max_rounds", int),
+    "AICHAT_TOOL_OUTPUT_MAX_CHARS": ("tool_output_max_chars", int),
+    "AICHAT_TOOL_EXECUTE_PER_MINUTE": ("tool_execute_per_minute", int),
+    "AICHAT_WEATHER_PROVIDER": ("weather_provider", str.lower),
+    "AICHAT_AMAP_BASE_URL": ("amap_base_url", lambda v: v.rstrip("/")),
+    "AICHAT_AMAP_KEY": ("amap_key", str),
+    "AICHAT_QWEATHER_BASE_URL": ("qweather_base_url", lambda v: v.rstrip("/")),
+    "AICHAT_QWEATHER_KEY": ("qweather_key", str),
+    "AICHAT_NEWS_SOURCES": ("news_sources", lambda v: tuple(s.strip().lower() for s in v.split(",") if s.strip())),
+    "AICHAT_BAIDU_BASE_URL": ("baidu_base_url", lambda v: v.rstrip("/")),
+    "AICHAT_TOUTIAO_BASE_URL": ("toutiao_base_url", lambda v: v.rstrip("/")),
+    "AICHAT_NEWS_CACHE": ("news_cache_s", float),
+    "AICHAT_LLM_SEARCH_FLAG": ("llm_search_flag", _flag),
+    "AICHAT_SEARCH_STRATEGY": ("search_strategy", str),
 }
 
 # Read by the process runner (gunicorn config / make run), not by Settings.
@@ -315,7 +368,7 @@ def load_settings(environ: Mapping[str, str] | None = None, *, service: str = ""
     values: dict[str, object] = {}
     for var, (name, parse) in ENV_VARS.items():
         raw = environ.get(var)
-        if raw is None or (raw == "" and name != "test_account"):
+        if raw is None or (raw == "" and name not in ("test_account", "news_sources")):
             continue
         assert name in known
         try:

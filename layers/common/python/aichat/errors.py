@@ -27,6 +27,9 @@ CATALOG: dict[str, tuple[int, str]] = {
     "MessageNotFound": (404, "消息不存在"),
     "ConversationNotFound": (404, "会话不存在"),
     "UnsupportedMediaType": (415, "请求体必须是 application/json"),
+    "SkillNotFound": (404, "该角色没有这个技能，或技能暂不可用"),
+    "ToolNotFound": (404, "工具不存在或未配置"),
+    "ToolFailed": (502, "工具调用失败"),
 }
 
 

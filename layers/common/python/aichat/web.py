@@ -171,7 +171,7 @@ def create_app(
             # Tokens and a user's own data must never sit in a shared or browser cache (a stream's JSON
             # errors included; the stream itself says no-cache, no-transform).
             response.headers["Cache-Control"] = "no-store"
-        if route is None or route.response_type == "json" or response.status_code != 200:
+        if route is None or response.mimetype != "text/event-stream" or response.status_code != 200:
             _log_access(response.status_code, route)
         return response
 

@@ -24,8 +24,12 @@ def estimate_tokens(text: str) -> int:
 def message_tokens(message: dict[str, Any]) -> int:
     """Estimated tokens of one chat message, with the per-message overhead of the chat template."""
     content = message["content"]
+    calls = sum(
+        estimate_tokens(c["function"]["name"]) + estimate_tokens(c["function"]["arguments"])
+        for c in message.get("tool_calls") or ()
+    )
     if isinstance(content, str):
-        return MESSAGE_OVERHEAD_TOKENS + estimate_tokens(content)
+        return MESSAGE_OVERHEAD_TOKENS + estimate_tokens(content) + calls
     total = MESSAGE_OVERHEAD_TOKENS
     for part in content:
         total += estimate_tokens(part.get("text", "")) if part.get("type") == "text" else IMAGE_TOKENS
@@ -56,13 +60,18 @@ def build_messages(
     turn: dict[str, Any],
     context_tokens: int,
     reserve_tokens: int,
+    with_tools: bool = False,
 ) -> list[dict[str, Any]]:
     """The upstream context within the token budget.
 
     Always: the role's hidden prompt (one system message), its opening message (what the user saw
     first), and the new turn. Then as many of the newest history rows (oldest first, as stored) as fit
-    in what is left after reserving room for the reply.
+    in what is left after reserving room for the reply. With `with_tools`, a reply that used tools comes
+    with its calls and their results before its text (so a follow-up question can build on them); they
+    go or stay together with the reply.
     """
+    from .tooluse import parse_trace, replay
+
     head: list[dict[str, Any]] = [{"role": "system", "content": system_prompt}]
     if opening_message:
         head.append({"role": "assistant", "content": opening_message})
@@ -73,10 +82,13 @@ def build_messages(
         if not content:
             continue
         message = {"role": "assistant" if row["sender_role"] == "assistant" else "user", "content": content}
-        cost = message_tokens(message)
+        unit = [message]
+        if with_tools and row["sender_role"] == "assistant" and row.get("tool_calls"):
+            unit = [*replay(parse_trace(row["tool_calls"])), message]
+        cost = sum(message_tokens(m) for m in unit)
         if cost > budget:
             break
         budget -= cost
-        picked.append(message)
+        picked.extend(reversed(unit))
     picked.reverse()
     return [*head, *picked, turn]

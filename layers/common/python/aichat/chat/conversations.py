@@ -135,6 +135,18 @@ def list_for_user(
     return [_from_row(row) for row in tx.all(sql, params)]
 
 
+def recent(tx: Tx, *, uid: str, exclude_id: str | None, limit: int) -> list[Conversation]:
+    """The user's conversations with messages, the most recent message first (but `exclude_id`)."""
+    return [
+        _from_row(row)
+        for row in tx.all(
+            f"SELECT {COLUMNS} FROM conversations WHERE uid = ? AND last_message_at IS NOT NULL AND id <> ?"
+            " ORDER BY last_message_at DESC, id LIMIT ?",
+            (uid, exclude_id or "", limit),
+        )
+    ]
+
+
 def update(tx: Tx, *, conversation: Conversation, title: str | None, settings: dict[str, Any] | None) -> Conversation:
     """Rename and/or change settings (merged; a None value removes the key)."""
     now = now_ms()

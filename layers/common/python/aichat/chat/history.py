@@ -12,6 +12,7 @@ from ..store import Database, Row
 from . import conversations, input, messages
 from .roles import RoleCatalog
 from .targets import check_role, resolve
+from .tooluse import parse_trace, public_trace
 
 log = logging.getLogger("aichat.chat")
 
@@ -25,8 +26,8 @@ def format_time(ms: int, settings: Settings) -> str:
 
 
 def history_item(row: Row, settings: Settings) -> dict[str, Any]:
-    """The contract's HistoryMessage."""
-    return {
+    """The contract's HistoryMessage (plus `tools` on a reply that used them, when the trace was asked for)."""
+    item = {
         "id": int(row["id"]),
         "sender_role": row["sender_role"],
         "content": row["content"],
@@ -34,6 +35,9 @@ def history_item(row: Row, settings: Settings) -> dict[str, Any]:
         "is_partial": bool(row["is_partial"]),
         "created_at": format_time(row["created_at"], settings),
     }
+    if row.get("tool_calls"):
+        item["tools"] = public_trace(parse_trace(row["tool_calls"]))
+    return item
 
 
 class History:
@@ -53,6 +57,7 @@ class History:
         role = check_role(self.roles, target)
         limit = input.query_int(args, "limit", low=1, high=HISTORY_PAGE_MAX)
         before_id = input.query_int(args, "before_id", low=1, high=input.MAX_ID)
+        with_tools = input.query_int(args, "include_tools", low=0, high=1) == 1
         paged = limit is not None or before_id is not None
         page_size = limit or HISTORY_PAGE_DEFAULT
 
@@ -61,7 +66,11 @@ class History:
             if conversation is None:  # the role's default conversation was never used
                 return role.role_code if role else "", []
             rows = messages.history(
-                tx, conversation_id=conversation.id, limit=page_size + 1 if paged else None, before_id=before_id
+                tx,
+                conversation_id=conversation.id,
+                limit=page_size + 1 if paged else None,
+                before_id=before_id,
+                with_tools=with_tools,
             )
             return conversation.role_code, rows
 

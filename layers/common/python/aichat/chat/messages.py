@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from ..store import Row, Tx, now_ms
 
 HISTORY_COLUMNS = "id, sender_role, content, has_image, is_partial, created_at"
+# The history extension `include_tools=1` reads the trace too.
+HISTORY_COLUMNS_WITH_TOOLS = HISTORY_COLUMNS + ", tool_calls"
 
 
 def add_user_message(tx: Tx, *, uid: str, role_code: str, conversation_id: str, text: str, has_image: bool) -> int:
@@ -27,6 +30,7 @@ def add_reply(
     reasoning: str | None,
     partial: bool,
     usage: dict[str, Any] | None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> int | None:
     """Store an assistant reply to the user message `reply_to`, only if that message still exists.
 
@@ -36,8 +40,8 @@ def add_reply(
     usage = usage or {}
     return tx.insert_selected(
         "INSERT INTO messages (uid, role_code, conversation_id, sender_role, content, has_image, is_partial,"
-        " created_at, prompt_tokens, completion_tokens, reasoning_content)"
-        " SELECT uid, role_code, conversation_id, 'assistant', ?, 0, ?, ?, ?, ?, ? FROM messages"
+        " created_at, prompt_tokens, completion_tokens, reasoning_content, tool_calls)"
+        " SELECT uid, role_code, conversation_id, 'assistant', ?, 0, ?, ?, ?, ?, ?, ? FROM messages"
         " WHERE id = ? AND conversation_id = ?",
         (
             content,
@@ -46,6 +50,7 @@ def add_reply(
             _int(usage.get("prompt_tokens")),
             _int(usage.get("completion_tokens")),
             reasoning,
+            _trace(tools),
             reply_to,
             conversation_id,
         ),
@@ -61,24 +66,31 @@ def update_reply(
     reasoning: str | None,
     partial: bool,
     usage: dict[str, Any] | None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> bool:
     """Update a reply stored earlier (a checkpoint) to what it is now; False if it was removed meanwhile."""
     usage = usage or {}
     return bool(
         tx.execute(
             "UPDATE messages SET content = ?, reasoning_content = ?, is_partial = ?, prompt_tokens = ?,"
-            " completion_tokens = ? WHERE id = ? AND conversation_id = ? AND sender_role = 'assistant'",
+            " completion_tokens = ?, tool_calls = ? WHERE id = ? AND conversation_id = ? AND sender_role = 'assistant'",
             (
                 content,
                 reasoning,
                 int(partial),
                 _int(usage.get("prompt_tokens")),
                 _int(usage.get("completion_tokens")),
+                _trace(tools),
                 message_id,
                 conversation_id,
             ),
         )
     )
+
+
+def _trace(tools: list[dict[str, Any]] | None) -> str | None:
+    """A reply's tool trace as stored (JSON), or NULL when no tool ran."""
+    return json.dumps(tools, ensure_ascii=False, separators=(",", ":")) if tools else None
 
 
 def _int(value: Any) -> int | None:
@@ -90,15 +102,23 @@ def _int(value: Any) -> int | None:
 def get(tx: Tx, *, uid: str, message_id: int) -> Row | None:
     """One of the user's messages with everything stored for it (None for another user's)."""
     return tx.one(
-        f"SELECT {HISTORY_COLUMNS}, conversation_id, reasoning_content, prompt_tokens, completion_tokens"
+        f"SELECT {HISTORY_COLUMNS}, conversation_id, reasoning_content, prompt_tokens, completion_tokens, tool_calls"
         " FROM messages WHERE id = ? AND uid = ?",
         (message_id, uid),
     )
 
 
-def history(tx: Tx, *, conversation_id: str, limit: int | None = None, before_id: int | None = None) -> list[Row]:
+def history(
+    tx: Tx,
+    *,
+    conversation_id: str,
+    limit: int | None = None,
+    before_id: int | None = None,
+    with_tools: bool = False,
+) -> list[Row]:
     """A conversation's messages oldest first: all of them, or the `limit` newest before `before_id`."""
-    sql = f"SELECT {HISTORY_COLUMNS} FROM messages WHERE conversation_id = ?"
+    columns = HISTORY_COLUMNS_WITH_TOOLS if with_tools else HISTORY_COLUMNS
+    sql = f"SELECT {columns} FROM messages WHERE conversation_id = ?"
     params: list[Any] = [conversation_id]
     if before_id is not None:
         sql += " AND id < ?"
@@ -113,12 +133,20 @@ def history(tx: Tx, *, conversation_id: str, limit: int | None = None, before_id
 def context(tx: Tx, *, conversation_id: str, before_id: int, limit: int) -> list[Row]:
     """The newest `limit` messages before a turn, oldest first: what the model may be shown."""
     rows = tx.all(
-        "SELECT sender_role, content, has_image FROM messages WHERE conversation_id = ? AND id < ?"
+        "SELECT sender_role, content, has_image, tool_calls FROM messages WHERE conversation_id = ? AND id < ?"
         " ORDER BY id DESC LIMIT ?",
         (conversation_id, before_id, limit),
     )
     rows.reverse()
     return rows
+
+
+def latest(tx: Tx, *, conversation_id: str, limit: int) -> list[Row]:
+    """A conversation's newest `limit` messages, newest first (sender and text)."""
+    return tx.all(
+        "SELECT sender_role, content, created_at FROM messages WHERE conversation_id = ? ORDER BY id DESC LIMIT ?",
+        (conversation_id, limit),
+    )
 
 
 def last_user_message(tx: Tx, *, conversation_id: str) -> Row | None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,54 @@ ROLES_HASH_KEY = "roles_file_sha256"
 STALE_RETRY_S = 5.0
 
 
+SKILL_CODE_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
+
+
+@dataclass(frozen=True)
+class Skill:
+    """A tool as one role presents it: its own name and description (e.g. 观星 → get_weather)."""
+
+    skill_code: str
+    tool: str
+    name: str
+    description: str
+
+    def public(self) -> dict[str, str]:
+        """What GET /chat/role/skills shows."""
+        return {"skill_code": self.skill_code, "name": self.name, "description": self.description}
+
+    def stored(self) -> dict[str, str]:
+        """The roles.skills column's form."""
+        return {"skill_code": self.skill_code, "tool": self.tool, "name": self.name, "description": self.description}
+
+
+def read_skills(raw: object, role_code: str) -> tuple[Skill, ...]:
+    """A role's `skills` list from the catalogue file (or the roles table), validated."""
+    from ..tools.registry import TOOL_NAMES
+
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ValueError(f"role {role_code!r}: skills must be a list")
+    skills: list[Skill] = []
+    for entry in raw:
+        if not isinstance(entry, dict):
+            raise ValueError(f"role {role_code!r}: each skill must be an object")
+        tool = entry.get("tool")
+        if tool not in TOOL_NAMES:
+            raise ValueError(f"role {role_code!r}: unknown tool {tool!r} (known: {', '.join(TOOL_NAMES)})")
+        code = entry.get("skill_code", tool)
+        if not isinstance(code, str) or not SKILL_CODE_RE.fullmatch(code):
+            raise ValueError(f"role {role_code!r}: skill_code must match {SKILL_CODE_RE.pattern}")
+        if any(s.skill_code == code for s in skills) or any(s.tool == tool for s in skills):
+            raise ValueError(f"role {role_code!r}: skill {code!r} or its tool listed twice")
+        name, description = entry.get("name"), entry.get("description", "")
+        if not isinstance(name, str) or not name.strip() or not isinstance(description, str):
+            raise ValueError(f"role {role_code!r}: skill {code!r} needs a name and a description (strings)")
+        skills.append(Skill(code, tool, name.strip(), description.strip()))
+    return tuple(skills)
+
+
 @dataclass(frozen=True)
 class Role:
     """One character users can chat with."""
@@ -38,6 +87,11 @@ class Role:
     system_prompt: str  # hidden: never returned, never logged
     sort_order: int = 0
     enabled: bool = True
+    skills: tuple[Skill, ...] = field(default=())
+
+    def skill(self, skill_code: str) -> Skill | None:
+        """The role's skill with this code."""
+        return next((s for s in self.skills if s.skill_code == skill_code), None)
 
     def public(self) -> dict[str, str]:
         """The contract's Role object (the six public fields only)."""
@@ -68,6 +122,7 @@ def read_roles_file(path: str | Path) -> list[Role]:
                 **{f: entry[f] for f in (*PUBLIC_FIELDS, "system_prompt")},
                 sort_order=int(entry.get("sort_order", index)),
                 enabled=entry.get("enabled", True),
+                skills=read_skills(entry.get("skills"), entry["role_code"]),
             )
         )
     return roles
@@ -97,6 +152,7 @@ def sync_roles(db: Database, roles: list[Role], *, fingerprint: str | None = Non
                     "system_prompt": role.system_prompt,
                     "sort_order": role.sort_order,
                     "enabled": int(role.enabled),
+                    "skills": json.dumps([s.stored() for s in role.skills], ensure_ascii=False),
                     "updated_at": now,
                 },
             )
@@ -141,15 +197,21 @@ class RoleCatalog:
         rows = self.db.read(
             lambda tx: tx.all(
                 "SELECT role_code, nickname, intro, avatar_url, background_url, opening_message, system_prompt,"
-                " sort_order, enabled FROM roles WHERE enabled = 1 ORDER BY sort_order, role_code"
+                " sort_order, enabled, skills FROM roles WHERE enabled = 1 ORDER BY sort_order, role_code"
             )
         )
-        roles = [Role(**{**row, "enabled": bool(row["enabled"])}) for row in rows]
+        roles = [_role(row) for row in rows]
         body = {"success": True, "roles": [role.public() for role in roles]}
         # /chat/roles is the hottest read (and FC's health check): serialise it once per refresh.
         self._public_body = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
         self._roles, self._by_code = roles, {role.role_code: role for role in roles}
         self._loaded_at = time.monotonic()
+
+    def nickname(self, role_code: str) -> str:
+        """A role's display name (its code when it is no longer in the catalogue)."""
+        self.enabled()
+        role = self._by_code.get(role_code)
+        return role.nickname if role else role_code
 
     def enabled(self) -> list[Role]:
         """Enabled roles in their stable display order."""
@@ -182,3 +244,13 @@ class RoleCatalog:
         if role is None:
             raise ApiError("RoleNotFound")
         return role
+
+
+def _role(row: dict[str, Any]) -> Role:
+    """A Role from its roles-table row (skills stored as JSON; a row a bad edit broke has none)."""
+    try:
+        skills = read_skills(json.loads(row["skills"]) if row.get("skills") else None, row["role_code"])
+    except ValueError:
+        log.error("stored skills of a role are invalid; ignored", extra={"role_code": row["role_code"]})
+        skills = ()
+    return Role(**{**row, "enabled": bool(row["enabled"]), "skills": skills})

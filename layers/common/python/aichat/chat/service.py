@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import secrets
 import socket
 from collections.abc import Callable
 from functools import partial
@@ -12,6 +14,8 @@ from ..config import Settings
 from ..errors import ApiError
 from ..llm import LlmClient
 from ..store import Database, Tx
+from ..tools.base import WEB_SEARCH, InvalidArguments, ToolContext, parse_arguments
+from ..tools.registry import ToolRegistry
 from . import conversations, input, messages
 from .context import IMAGE_ONLY_PLACEHOLDER, build_messages, stored_text, user_turn
 from .conversations import Conversation
@@ -21,6 +25,7 @@ from .relay import StreamRelay
 from .roles import Role, RoleCatalog
 from .spool import Spool
 from .targets import check_role, resolve
+from .tooluse import TOOL_GUIDANCE, ToolRounds, public_trace
 from .turn import Reply, Turn, TurnPolicy
 
 log = logging.getLogger("aichat.chat")
@@ -39,11 +44,13 @@ class ChatService:
         roles: RoleCatalog,
         llm: LlmClient,
         limiter: ChatLimiter | None = None,
+        tools: ToolRegistry | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
         self.roles = roles
         self.llm = llm
+        self.tools = tools or ToolRegistry(settings, [])
         self.limiter = limiter or DbChatLimiter(settings, db)
         self.spool = Spool(settings.spool_dir, self._write_reply)
         self.policy = TurnPolicy(
@@ -65,7 +72,18 @@ class ChatService:
 
     def send(self, uid: str, body: dict[str, Any]) -> dict[str, Any]:
         """POST /chat/send: the same turn as /chat/stream, answered as one JSON body when it is complete."""
-        turn = self._new_message(uid, body)
+        return self.complete(uid, self._new_message(uid, body))
+
+    def skill(self, uid: str, body: dict[str, Any], *, client: socket.socket | None = None) -> StreamRelay:
+        """POST /chat/skill: run one of the role's skills now; the role then answers about its result."""
+        return self._relay(self._skill_turn(uid, body), client)
+
+    def skill_send(self, uid: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST /chat/skill?stream=0: the same, answered as /chat/send answers."""
+        return self.complete(uid, self._skill_turn(uid, body))
+
+    def complete(self, uid: str, turn: Turn) -> dict[str, Any]:
+        """Run a turn to its end and answer it as JSON (the /chat/send shape)."""
         try:
             for _ in turn.frames():
                 pass
@@ -111,6 +129,51 @@ class ChatService:
 
         return self._relay(self._start(uid, target, write), client)
 
+    def _skill_turn(self, uid: str, body: dict[str, Any]) -> Turn:
+        role_code = body.get("role_code")
+        if role_code is None or role_code == "":
+            raise ApiError("InvalidInput", "缺少必填参数 role_code")
+        target = input.target(body)
+        role = self.roles.get(role_code)
+        skill_code = body.get("skill_code")
+        if not isinstance(skill_code, str) or not skill_code:
+            raise ApiError("InvalidInput", "缺少必填参数 skill_code")
+        skill = role.skill(skill_code)
+        if skill is None or not self.tools.available(skill.tool):
+            raise ApiError("SkillNotFound")
+        tool = self.tools.get(skill.tool)
+        if tool is None:  # web search is a flag on the model's request, used as the chat goes
+            raise ApiError("InvalidInput", "这个技能会在聊天中自动使用，不能单独调用")
+        raw_args = body.get("arguments")
+        if raw_args is not None and not isinstance(raw_args, dict):
+            raise ApiError("InvalidInput", "参数 arguments 必须是对象")
+        try:
+            args = parse_arguments(raw_args or {}, tool.parameters)
+        except InvalidArguments as exc:
+            raise ApiError("InvalidInput", f"arguments：{exc}") from exc
+        overrides = input.turn_overrides(body, self.settings)
+        shown = "，".join(str(v) for v in args.values())
+        text = f"（使用技能「{skill.name}」{'：' + shown if shown else ''}）"
+        call = {
+            "id": f"call_{secrets.token_hex(12)}",
+            "name": tool.name,
+            "arguments": json.dumps(args, ensure_ascii=False),
+        }
+
+        def write(tx: Tx, conversation: Conversation) -> tuple[input.TurnInput, int]:
+            message_id = messages.add_user_message(
+                tx,
+                uid=uid,
+                role_code=conversation.role_code,
+                conversation_id=conversation.id,
+                text=text,
+                has_image=False,
+            )
+            conversations.touch(tx, conversation_id=conversation.id, first_text=None if conversation.title else text)
+            return input.TurnInput(text=text, image=None, overrides=overrides), message_id
+
+        return self._start(uid, target, write, first_calls=[call])
+
     # -- the common path -----------------------------------------------------------------------------
     def _new_message(self, uid: str, body: dict[str, Any]) -> Turn:
         target = input.target(body)
@@ -134,7 +197,9 @@ class ChatService:
 
         return self._start(uid, target, write)
 
-    def _start(self, uid: str, target: input.Target, write: Write) -> Turn:
+    def _start(
+        self, uid: str, target: input.Target, write: Write, *, first_calls: list[dict[str, Any]] | None = None
+    ) -> Turn:
         """Limits, the conversation's write and its context (one transaction), then the upstream."""
         if not self.llm.api_key:
             raise ApiError("MissingApiKey")
@@ -151,9 +216,22 @@ class ChatService:
             )
         self.limiter.keep(slot_id)
         release = partial(self.limiter.release, slot_id)
-        payload = self._payload(role, conversation, turn, history)
+        allowed = self._allowed_tools(role, turn)
+        payload = self._payload(role, conversation, turn, history, allowed)
+        rounds = None
+        if allowed:
+            rounds = ToolRounds(
+                registry=self.tools,
+                allowed=allowed,
+                ctx=ToolContext(uid=uid, conversation_id=conversation.id),
+                payload=payload,
+                llm=self.llm,
+                max_rounds=self.settings.tool_max_rounds,
+            )
+        upstream = None
         try:
-            upstream = self.llm.open_stream(payload)
+            if not first_calls:
+                upstream = self.llm.open_stream(payload)
         except BaseException:
             release()
             raise
@@ -170,12 +248,26 @@ class ChatService:
             spool=partial(self._spool, conversation.id, message_id),
             on_close=[release],
             policy=self.policy,
+            tools=rounds,
+            first_calls=first_calls,
         )
 
+    def _allowed_tools(self, role: Role, turn: input.TurnInput) -> set[str]:
+        """The tools the role's skills offer on this turn (none on an image turn: the vision model is
+        another family, and function calling is not documented for it)."""
+        if turn.image is not None:
+            return set()
+        return {skill.tool for skill in role.skills if self.tools.get(skill.tool) is not None}
+
     def _payload(
-        self, role: Role, conversation: Conversation, turn: input.TurnInput, history: list[dict[str, Any]]
+        self,
+        role: Role,
+        conversation: Conversation,
+        turn: input.TurnInput,
+        history: list[dict[str, Any]],
+        allowed: set[str],
     ) -> dict[str, Any]:
-        """The upstream request: the conversation's settings, overridden by this turn's."""
+        """The upstream request: the conversation's settings, overridden by this turn's; the role's tools."""
         s = self.settings
         effective = {**conversation.settings, **turn.overrides}
         params = {name: effective[name] for name in input.PARAMS if effective.get(name) is not None}
@@ -183,15 +275,24 @@ class ChatService:
         payload: dict[str, Any] = {
             "model": model,
             "messages": build_messages(
-                system_prompt=role.system_prompt,
+                system_prompt=role.system_prompt + (TOOL_GUIDANCE if allowed else ""),
                 opening_message=role.opening_message,
                 history=history,
                 turn=user_turn(turn.text, turn.image),
                 context_tokens=s.context_tokens,
                 reserve_tokens=params.get("max_tokens") or s.reply_reserve_tokens,
+                with_tools=bool(allowed),
             ),
             **params,
         }
+        if allowed:
+            payload["tools"] = [tool.spec() for tool in self.tools.offered() if tool.name in allowed]
+            payload["parallel_tool_calls"] = True
+        searches = any(skill.tool == WEB_SEARCH for skill in role.skills) and self.tools.available(WEB_SEARCH)
+        if searches and not turn.image:
+            # DashScope searches the web itself when the model needs it (a request flag, not a tool we run).
+            payload["enable_search"] = True
+            payload["search_options"] = {"search_strategy": s.search_strategy}
         if s.llm_thinking_flag and not turn.image:
             # DashScope's switch for Qwen3 hybrid thinking models; sent explicitly so "off" means off. Not on
             # an image turn: the vision model is another family, and the switch is not documented for it.
@@ -234,12 +335,14 @@ class ChatService:
                 "reasoning": reply.reasoning_text,
                 "partial": partial,
                 "usage": reply.usage,
+                "tools": reply.tools,
             }
         )
 
     def _write_reply(self, record: dict[str, Any]) -> int | None:
         """Store one reply record (from a turn, or from the spool)."""
         fields = {name: record[name] for name in ("conversation_id", "content", "reasoning", "partial", "usage")}
+        fields["tools"] = record.get("tools")
         with self.db.tx() as tx:
             if record["message_id"] is None:
                 stored = messages.add_reply(tx, reply_to=record["reply_to"], **fields)
@@ -255,6 +358,7 @@ class ChatService:
     def _spool(self, conversation_id: str, reply_to: int, reply: Reply, partial: bool, message_id: int | None) -> None:
         record = {"conversation_id": conversation_id, "reply_to": reply_to, "message_id": message_id}
         record.update(content=reply.text, reasoning=reply.reasoning_text, partial=partial, usage=reply.usage)
+        record["tools"] = reply.tools
         self.spool.put(record)
 
     def _stored_reply(self, uid: str, turn: Turn) -> dict[str, Any]:
@@ -274,6 +378,8 @@ class ChatService:
         }
         if reply.reasoning_text:
             body["reasoning_content"] = reply.reasoning_text
+        if reply.tools:
+            body["tools"] = public_trace(reply.tools)
         body["usage"] = reply.usage
         return body
 

@@ -15,11 +15,14 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ApiError
 from ..llm import END, StreamBroken, UpstreamStream
 from ..sse import DONE_FRAME, PING_FRAME, data_frame, encode
+
+if TYPE_CHECKING:
+    from .tooluse import ToolRounds
 
 log = logging.getLogger("aichat.chat.turn")
 
@@ -29,6 +32,9 @@ FALLBACK_MESSAGES = {
     "DatabaseError": "回复保存失败",
     "InternalError": "服务内部异常",
 }
+# Bounds on what one round's tool calls may make us hold.
+MAX_CALLS_PER_ROUND = 8
+MAX_ARGUMENT_CHARS = 16_384
 # Top-level keys of an upstream frame that must not reach the client as they are.
 _REBUILT_KEYS = ("choices", "usage", "error", "x_event")
 
@@ -39,10 +45,32 @@ class Reply:
 
     content: list[str] = field(default_factory=list)
     reasoning: list[str] = field(default_factory=list)
-    usage: dict[str, Any] | None = None
     finish_reason: str | None = None
     model: str | None = None
     chars: int = 0  # len(text), kept as frames arrive (the bounds are checked on every frame)
+    round_usage: dict[str, Any] | None = None
+    past_usage: list[dict[str, Any]] = field(default_factory=list)
+    # The tool calls of the current round as they stream in, by index: {"id", "name", "arguments"}.
+    calls: dict[int, dict[str, Any]] = field(default_factory=dict)
+    # The tools that ran for this reply (what is stored with it and replayed into later context).
+    tools: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def usage(self) -> dict[str, Any] | None:
+        """The reply's usage: the upstream's own object for one round, the sums over several."""
+        parts = [*self.past_usage, *([self.round_usage] if self.round_usage else [])]
+        if len(parts) <= 1:
+            return parts[0] if parts else None
+        keys = ("prompt_tokens", "completion_tokens", "total_tokens")
+        return {key: sum(p.get(key) or 0 for p in parts if isinstance(p.get(key) or 0, int)) for key in keys}
+
+    def next_round(self) -> None:
+        """A tool round ended: keep its usage, forget its calls and finish reason."""
+        if self.round_usage:
+            self.past_usage.append(self.round_usage)
+        self.round_usage = None
+        self.calls = {}
+        self.finish_reason = None
 
     @property
     def text(self) -> str:
@@ -57,7 +85,7 @@ class Reply:
     def add(self, frame: dict[str, Any]) -> None:
         """Take in one upstream chunk."""
         if isinstance(frame.get("usage"), dict):
-            self.usage = frame["usage"]
+            self.round_usage = frame["usage"]
         if isinstance(frame.get("model"), str):
             self.model = frame["model"]
         choices = frame.get("choices")
@@ -72,8 +100,38 @@ class Reply:
                 self.chars += len(delta["content"])
             if isinstance(delta.get("reasoning_content"), str):
                 self.reasoning.append(delta["reasoning_content"])
+            if isinstance(delta.get("tool_calls"), list):
+                self._add_calls(delta["tool_calls"])
             if choice.get("finish_reason"):
                 self.finish_reason = str(choice["finish_reason"])
+
+    def _add_calls(self, parts: list[Any]) -> None:
+        """Accumulate streamed tool calls the way DashScope sends them: the first chunk of a call carries
+        its id, type and name; later ones an empty id, no name, and pieces of the arguments; by index."""
+        for position, part in enumerate(parts):
+            if not isinstance(part, dict):
+                continue
+            index = part.get("index") if isinstance(part.get("index"), int) else position
+            if index not in self.calls and len(self.calls) >= MAX_CALLS_PER_ROUND:
+                continue
+            call = self.calls.setdefault(index, {"id": "", "name": "", "arguments": ""})
+            if isinstance(part.get("id"), str) and part["id"]:
+                call["id"] = part["id"]
+            function = part.get("function") if isinstance(part.get("function"), dict) else {}
+            if isinstance(function.get("name"), str) and function["name"] and not call["name"]:
+                call["name"] = function["name"]
+            if isinstance(function.get("arguments"), str) and len(call["arguments"]) < MAX_ARGUMENT_CHARS:
+                call["arguments"] += function["arguments"]
+
+    def round_calls(self) -> list[dict[str, Any]]:
+        """The calls the model made this round, in index order, each with an id (one is made up if the
+        upstream sent none)."""
+        calls = []
+        for index in sorted(self.calls):
+            call = dict(self.calls[index])
+            call["id"] = call["id"] or f"call_{uuid.uuid4().hex[:24]}"
+            calls.append(call)
+        return calls
 
 
 def client_frame(frame: dict[str, Any], payload: bytes) -> bytes | None:
@@ -85,6 +143,7 @@ def client_frame(frame: dict[str, Any], payload: bytes) -> bytes | None:
         type(delta) is dict
         and type(delta.get("content")) is str
         and "tool_calls" not in delta
+        and first.get("finish_reason") != "tool_calls"
         and frame.get("usage") is None
         and "error" not in frame
         and "x_event" not in frame
@@ -96,6 +155,8 @@ def client_frame(frame: dict[str, Any], payload: bytes) -> bytes | None:
     text = delta.get("content") if type(delta.get("content")) is str else ""
     reasoning = delta.get("reasoning_content") if type(delta.get("reasoning_content")) is str else None
     finish_reason = first.get("finish_reason") if type(first) is dict else None
+    if finish_reason == "tool_calls":
+        finish_reason = None  # the reply goes on after the tools: a client must not take this for its end
     if not text and not reasoning and not finish_reason:
         return None
     out_delta: dict[str, Any] = {"content": text}
@@ -147,18 +208,24 @@ class Turn:
     deleted). It runs every `checkpoint_s` while text flows, so an instance that dies mid-reply leaves the
     text received so far as a partial reply. `spool(reply, partial, message_id)` keeps a reply the database
     would not take within `save_window_s`. `on_close` callbacks run once however the turn ended.
+
+    With `tools`, a round that ends in tool calls runs them (`tool.start` / `tool.end` frames, heartbeats
+    while they run) and opens the next round; `first_calls` are run before the first round (a skill used
+    directly), and then `upstream` is None until that round opens.
     """
 
     def __init__(
         self,
         *,
-        upstream: UpstreamStream,
+        upstream: UpstreamStream | None,
         model: str,
         meta: dict[str, Any],
         save: Callable[[Reply, bool, int | None], int | None],
         spool: Callable[[Reply, bool, int | None], None],
         on_close: list[Callable[[], None]],
         policy: TurnPolicy,
+        tools: ToolRounds | None = None,
+        first_calls: list[dict[str, Any]] | None = None,
     ) -> None:
         self.upstream = upstream
         self.model = model
@@ -167,24 +234,28 @@ class Turn:
         self._spool = spool
         self._on_close = on_close
         self.policy = policy
+        self.tools = tools
+        self.first_calls = first_calls or []
         self.reply = Reply()
         self.message_id: int | None = None
         self.error_code: str | None = None
         self.outcome = "client_gone"
         self.client_gone = False
         self._probe_asked = False
+        self._probe_again: float | None = None
         self._gone = False  # what the reply answers was removed: nothing more is stored
         self._saved = False
         self._closed = False
-        self._checkpointed_at = time.monotonic()
+        self._started = self._last_sent = self._checkpointed_at = time.monotonic()
         self._checkpointed_chars = 0
 
     def frames(self) -> Iterator[bytes]:
         """The whole SSE body: the meta frame, the reply's frames, the last frame, `[DONE]`."""
         yield local_frame(self.model, x_event={"type": "stream.meta", **self.meta})
+        self._started = self._last_sent = time.monotonic()
         try:
             try:
-                yield from self._round(self.upstream)
+                yield from self._rounds()
             except StreamBroken as exc:
                 if self.client_gone:
                     return  # we cut the upstream ourselves: nobody is left to tell; close() keeps what arrived
@@ -208,45 +279,132 @@ class Turn:
             self.outcome = f"error:{exc.code}"
             yield self._fallback(exc.code)
 
+    def _rounds(self) -> Iterator[bytes]:
+        """Model rounds, and the tools between them, until a round answers without calling any."""
+        calls = self.first_calls
+        tool_rounds = 0
+        final = False
+        while True:
+            if calls:
+                assert self.tools is not None
+                outcomes = yield from self._run_tools(calls, tool_rounds + 1)
+                tool_rounds += 1
+                final = tool_rounds >= self.tools.max_rounds
+                self._open_next(calls, outcomes, final=final)
+            assert self.upstream is not None
+            calls = yield from self._round(self.upstream)
+            if not calls:
+                return
+            if self.tools is None or final:
+                # Tools it was not offered (or no more rounds): the reply ends with what it said.
+                log.info("tool calls past the round cap ignored", extra={"calls": len(calls)})
+                self.reply.finish_reason = "stop"
+                return
+
     def _round(self, upstream: UpstreamStream) -> Iterator[bytes]:
-        """Relay one model round: its frames, heartbeats while it is silent, probes, the reply's bounds."""
+        """Relay one model round: its frames, heartbeats while it is silent, probes, the reply's bounds.
+
+        Returns the tool calls the round ended with ([] for none, or when the reply reached its bound)."""
         policy = self.policy
-        started = last_sent = time.monotonic()
-        probe_again: float | None = None
         while True:
             now = time.monotonic()
             # Wake for the next heartbeat, the time bound, a probe's second write, or (at the latest) a tick
             # that notices a probe asked for meanwhile.
-            wake = min(last_sent + policy.heartbeat_s, started + policy.max_seconds, now + TICK_S)
-            if probe_again is not None:
-                wake = min(wake, probe_again)
+            wake = min(self._next_ping(), self._started + policy.max_seconds, now + TICK_S)
             item = upstream.next_event(max(0.0, wake - now))
             now = time.monotonic()
             if item is END:
                 break
             if item is None:  # silence
-                if now >= started + policy.max_seconds:
+                if now >= self._started + policy.max_seconds:
                     self._cut("time")
-                    return
-                probing = self._probe_asked or (probe_again is not None and now >= probe_again)
-                if probing or now >= last_sent + policy.heartbeat_s:
-                    # A comment line: ignored by every SSE client, and a write that fails if the client is gone.
-                    probe_again = now + PROBE_GAP_S if self._probe_asked else None
-                    self._probe_asked = False
-                    last_sent = now
-                    yield PING_FRAME
+                    return []
+                ping = self._silence(now)
+                if ping:
+                    yield ping
                 continue
             out = self._take(item)  # type: ignore[arg-type]
             if out is not None:
-                last_sent = now
+                self._last_sent = now
                 yield out
-            if self.reply.chars >= policy.max_chars or now >= started + policy.max_seconds:
+            if self.reply.chars >= policy.max_chars or now >= self._started + policy.max_seconds:
                 self._cut("length" if self.reply.chars >= policy.max_chars else "time")
-                return
+                return []
             if now - self._checkpointed_at >= policy.checkpoint_s:
                 self._checkpoint()
         if not (upstream.done or self.reply.finish_reason):
             raise StreamBroken("NetworkError", "upstream ended before finishing")
+        calls = self.reply.round_calls()
+        if calls:
+            self.reply.next_round()
+        return calls
+
+    def _next_ping(self) -> float:
+        """When the next comment line is due (a heartbeat, or a probe's second write)."""
+        due = self._last_sent + self.policy.heartbeat_s
+        return min(due, self._probe_again) if self._probe_again is not None else due
+
+    def _silence(self, now: float) -> bytes | None:
+        """A comment line if one is due: ignored by every SSE client, and a write that fails if the client
+        is gone (a probe writes twice, PROBE_GAP_S apart)."""
+        probing = self._probe_asked or (self._probe_again is not None and now >= self._probe_again)
+        if not probing and now < self._last_sent + self.policy.heartbeat_s:
+            return None
+        self._probe_again = now + PROBE_GAP_S if self._probe_asked else None
+        self._probe_asked = False
+        self._last_sent = now
+        return PING_FRAME
+
+    def _run_tools(self, calls: list[dict[str, Any]], round_no: int) -> Iterator[bytes]:
+        """Run one round's calls at once, each within the tool timeout; `tool.start` as each begins,
+        `tool.end` as each ends, heartbeats meanwhile. Returns the outcomes in the calls' order."""
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        assert self.tools is not None
+        model = self.reply.model or self.model
+        running = [self.tools.start(call) for call in calls]
+        for run in running:
+            event = {"type": "tool.start", "tool_call_id": run.call_id, "name": run.name, "display": run.display}
+            yield local_frame(model, x_event=event)
+        self._last_sent = time.monotonic()
+        pending = list(running)
+        timeout = self.tools.timeout_s
+        while pending:
+            now = time.monotonic()
+            ended = [r for r in pending if r.outcome is not None or r.future.done() or now >= r.started + timeout]
+            for run in ended:
+                pending.remove(run)
+                outcome = self.tools.settle(run, timed_out=now >= run.started + timeout)
+                event = {"type": "tool.end", "tool_call_id": run.call_id, "name": run.name, "ok": outcome.ok}
+                event.update(display=outcome.display, ms=outcome.ms)
+                self._last_sent = now
+                yield local_frame(model, x_event=event)
+            if not pending:
+                break
+            if self.client_gone:
+                raise StreamBroken("NetworkError", "the client left while tools ran")
+            ping = self._silence(now)
+            if ping:
+                yield ping
+            wake = min(min(r.started + timeout for r in pending), self._next_ping(), now + TICK_S)
+            wait([r.future for r in pending], timeout=max(0.0, wake - time.monotonic()), return_when=FIRST_COMPLETED)
+        outcomes = [run.outcome for run in running]
+        self.reply.tools.extend({**o.trace(), "round": round_no} for o in outcomes)  # type: ignore[union-attr]
+        return outcomes
+
+    def _open_next(self, calls: list[dict[str, Any]], outcomes: list[Any], *, final: bool) -> None:
+        """The next model round, told what the tools answered (and, past the cap, offered none)."""
+        assert self.tools is not None
+        previous = self.upstream
+        try:
+            upstream = self.tools.open_next(calls, outcomes, final=final)
+        except ApiError as exc:
+            raise StreamBroken(exc.code, "could not open the next round") from exc
+        self.upstream = upstream
+        if previous is not None:
+            previous.close()  # read to its end: the connection goes back to the pool
+        if self.client_gone:
+            upstream.abort()
 
     def _take(self, payload: bytes) -> bytes | None:
         try:
@@ -264,7 +422,8 @@ class Turn:
         """The reply reached its bound: it ends here as a complete reply cut for length."""
         log.info("reply cut at its bound", extra={"bound": why, "chars": len(self.reply.text)})
         self.reply.finish_reason = "length"
-        self.upstream.abort()  # stop the model generating (and billing) what nobody will read
+        if self.upstream is not None:
+            self.upstream.abort()  # stop the model generating (and billing) what nobody will read
 
     def _checkpoint(self) -> None:
         """Store what arrived so far (as partial), so a dying instance leaves it behind; never fails the stream."""
@@ -330,7 +489,8 @@ class Turn:
     def abort(self) -> None:
         """The client is gone (called from another thread): cut the upstream so a blocked read returns now."""
         self.client_gone = True
-        self.upstream.abort()
+        if self.upstream is not None:
+            self.upstream.abort()
 
     def close(self) -> None:
         """End the turn however it went; idempotent. Keeps what arrived if it was never stored."""
@@ -340,7 +500,8 @@ class Turn:
         try:
             # Read to its end, the upstream connection goes back to the pool (no new handshake for the next
             # reply); cut short, closing it drops it.
-            self.upstream.close()
+            if self.upstream is not None:
+                self.upstream.close()
             if not self._saved and not self._gone and (self.reply.text or self.reply.reasoning_text):
                 self._saved = True
                 try:

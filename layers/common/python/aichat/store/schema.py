@@ -280,4 +280,29 @@ MIGRATIONS: list[tuple[int, str, list[Step], list[Step]]] = [
             AddIndex("messages", "ix_messages_conversation_id", "conversation_id, id"),
         ],
     ),
+    (
+        6,
+        "tool calls and role skills",
+        [
+            AddColumn("messages", "tool_calls", "TEXT"),
+            AddColumn("roles", "skills", "TEXT"),
+            """CREATE TABLE IF NOT EXISTS tool_runs (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                uid TEXT NOT NULL,
+                tool TEXT NOT NULL,
+                created_at INTEGER NOT NULL)""",
+            "CREATE INDEX IF NOT EXISTS ix_tool_runs_uid ON tool_runs (uid, created_at)",
+        ],
+        [
+            AddColumn("messages", "tool_calls", "MEDIUMTEXT NULL"),
+            AddColumn("roles", "skills", "TEXT NULL"),
+            """CREATE TABLE IF NOT EXISTS tool_runs (
+                id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+                uid CHAR(24) NOT NULL,
+                tool VARCHAR(64) NOT NULL,
+                created_at BIGINT NOT NULL,
+                KEY ix_tool_runs_uid (uid, created_at))"""
+            + _MYSQL_TABLE,
+        ],
+    ),
 ]
