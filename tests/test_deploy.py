@@ -62,6 +62,11 @@ FULL_DUMMIES = {
     "AICHAT_LLM_BASE_URL": "https://llm.example/v1",
     "AICHAT_LLM_MODEL": "dummy-model",
     "AICHAT_LLM_VISION_MODEL": "dummy-vision-model",
+    "AICHAT_WEATHER_PROVIDER": "qweather",
+    "AICHAT_AMAP_KEY": "dummy-amap-key",
+    "AICHAT_QWEATHER_BASE_URL": "https://dummy.re.qweatherapi.com",
+    "AICHAT_QWEATHER_KEY": "dummy-qweather-key",
+    "AICHAT_NEWS_SOURCES": "toutiao",
 }
 ENV_CALL = re.compile(r"""env\(\s*['"]([A-Za-z0-9_]+)['"]\s*(,)?""")
 
