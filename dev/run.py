@@ -25,6 +25,7 @@ def local_environment(data_dir: Path) -> dict[str, str]:
     env.setdefault("AICHAT_SMS_PROVIDER", "console")
     env.setdefault("AICHAT_DB_URL", f"sqlite:///{data_dir / 'aichat.db'}")
     env.setdefault("AICHAT_ROLES_FILE", str(ROOT / "template" / "roles.json"))
+    env.setdefault("AICHAT_AUDIO_DIR", str(data_dir / "audio"))
     if not env.get("AICHAT_JWT_SECRET"):
         # Both services must share one secret, and tokens should survive a restart: persist it.
         secret_file = data_dir / "jwt_secret"
@@ -91,7 +92,7 @@ def main() -> int:
 
     subprocess.run([sys.executable, "-m", "aichat.manage", "migrate"], env=env, check=True)
     procs: list[subprocess.Popen] = []
-    fake = web = providers = None
+    fake = web = providers = tts = None
     has_chat = (ROOT / "functions" / "chat" / "app.py").exists()
     try:
         if has_chat and not (env.get("AICHAT_LLM_API_KEY") or env.get("DASHSCOPE_API_KEY")):
@@ -101,6 +102,11 @@ def main() -> int:
             env["AICHAT_LLM_BASE_URL"] = fake.base_url
             env["AICHAT_LLM_API_KEY"] = "local-fake-key"
             print(f"No LLM key set: replies come from the local stand-in model at {fake.base_url}")
+            from dev.fake_tts import FakeTts
+
+            tts = FakeTts().start()
+            env["AICHAT_DASHSCOPE_BASE_URL"] = tts.base_url
+            print(f"... and voice from a local stand-in TTS (a tone per character) at {tts.base_url}")
         providers = start_tool_fakes(env) if has_chat else None
         procs.append(serve("login", login_port, env))
         wait_ready(f"http://127.0.0.1:{login_port}/health", procs[-1])
@@ -137,6 +143,8 @@ def main() -> int:
             fake.stop()
         if providers is not None:
             providers.stop()
+        if tts is not None:
+            tts.stop()
         if web is not None:
             web.stop()
 

@@ -30,3 +30,8 @@ CREATE INDEX ix_messages_conversation_id ON messages (conversation_id, id);
 ALTER TABLE messages ADD COLUMN tool_calls MEDIUMTEXT NULL;
 ALTER TABLE roles ADD COLUMN skills TEXT NULL;
 CREATE TABLE IF NOT EXISTS tool_runs ( id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY, uid CHAR(24) NOT NULL, tool VARCHAR(64) NOT NULL, created_at BIGINT NOT NULL, KEY ix_tool_runs_uid (uid, created_at)) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
+
+-- migration 7: voice clips
+ALTER TABLE roles ADD COLUMN voice TEXT NULL;
+CREATE TABLE IF NOT EXISTS voice_clips ( id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY, uid CHAR(24) NOT NULL, message_id BIGINT NOT NULL, voice VARCHAR(64) NOT NULL, text_hash CHAR(32) NOT NULL, status VARCHAR(16) NOT NULL, store_key VARCHAR(255) NOT NULL, bytes INT NOT NULL, created_at BIGINT NOT NULL, UNIQUE KEY uq_voice_clips (message_id, voice, text_hash), KEY ix_voice_clips_uid (uid)) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
+CREATE TABLE IF NOT EXISTS voice_events ( id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY, uid CHAR(24) NOT NULL, chars INT NOT NULL, created_at BIGINT NOT NULL, KEY ix_voice_events_uid (uid, created_at)) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;

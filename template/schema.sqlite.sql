@@ -39,3 +39,10 @@ ALTER TABLE messages ADD COLUMN tool_calls TEXT;
 ALTER TABLE roles ADD COLUMN skills TEXT;
 CREATE TABLE IF NOT EXISTS tool_runs ( id INTEGER PRIMARY KEY AUTOINCREMENT, uid TEXT NOT NULL, tool TEXT NOT NULL, created_at INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS ix_tool_runs_uid ON tool_runs (uid, created_at);
+
+-- migration 7: voice clips
+ALTER TABLE roles ADD COLUMN voice TEXT;
+CREATE TABLE IF NOT EXISTS voice_clips ( id INTEGER PRIMARY KEY AUTOINCREMENT, uid TEXT NOT NULL, message_id INTEGER NOT NULL, voice TEXT NOT NULL, text_hash TEXT NOT NULL, status TEXT NOT NULL, store_key TEXT NOT NULL, bytes INTEGER NOT NULL, created_at INTEGER NOT NULL, UNIQUE (message_id, voice, text_hash));
+CREATE INDEX IF NOT EXISTS ix_voice_clips_uid ON voice_clips (uid);
+CREATE TABLE IF NOT EXISTS voice_events ( id INTEGER PRIMARY KEY AUTOINCREMENT, uid TEXT NOT NULL, chars INTEGER NOT NULL, created_at INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS ix_voice_events_uid ON voice_events (uid, created_at);

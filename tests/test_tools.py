@@ -572,3 +572,12 @@ def test_a_catalogue_naming_an_unknown_tool_stops_the_service(chat_module, tmp_p
         )
     with pytest.raises(ConfigError, match="AICHAT_WEATHER_PROVIDER"):
         Settings(jwt_secret=TEST_SECRET, weather_provider="bing")
+
+
+def test_what_the_model_reads_of_a_result_is_capped(chat_app, fake_llm, fake_tools, new_user):
+    client = AppClient(tool_app(chat_app, fake_tools, tool_output_max_chars=120), token=new_user()[1])
+    fake_llm.enqueue(tool_calls=[{"name": "get_hot_news", "arguments": {"limit": 20}}])
+    fake_llm.enqueue(text="好多热点。")
+    post_stream(client.app_client, "/chat/stream", {"role_code": "wanqing", "message": "新闻"}, client.token)
+    content = fake_llm.requests[1]["body"]["messages"][-1]["content"]
+    assert len(content) == 120 and content.endswith("…[truncated]") and content.startswith('{"ok":true')

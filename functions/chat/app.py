@@ -15,6 +15,7 @@ from aichat.config import Settings, load_settings
 from aichat.llm import LlmClient
 from aichat.store import open_database
 from aichat.tools.registry import ToolRegistry, build_registry
+from aichat.voice.service import Voice
 from aichat.web import ApiRequest, Route, create_app, json_response, sse_response
 from flask import Flask
 
@@ -25,6 +26,7 @@ def build_app(
     llm_client: LlmClient | None = None,
     db: Any = None,
     tools: ToolRegistry | None = None,
+    voice: Voice | None = None,
 ) -> Flask:
     """ChatService's app: from the environment on FC, from the given settings and clients in tests."""
     settings = settings or load_settings(service="chat")
@@ -37,9 +39,10 @@ def build_app(
         connect_timeout_s=settings.llm_connect_timeout_s,
         read_timeout_s=settings.llm_read_timeout_s,
     )
-    chat = ChatService(settings, db, roles, client, tools=tools)
-    history = History(settings, db, roles)
-    threads = ConversationApi(settings, db, roles)
+    voice = voice or Voice(settings, db, roles)
+    chat = ChatService(settings, db, roles, client, tools=tools, on_removed=voice.forget_removed)
+    history = History(settings, db, roles, on_removed=voice.forget_removed)
+    threads = ConversationApi(settings, db, roles, on_removed=voice.forget_removed)
     skills = SkillsApi(settings, db, roles, tools)
 
     def chat_roles(req: ApiRequest):
@@ -116,6 +119,18 @@ def build_app(
         """Run a tool by hand (rate limited; extension)."""
         return skills.execute(req.user_uid(), req.json())
 
+    def chat_voice(req: ApiRequest):
+        """A stored reply read aloud in its role's voice: MP3 bytes, or a redirect to a signed URL (extension)."""
+        from aichat.chat import input as chat_input
+        from aichat.errors import ApiError
+        from aichat.voice.http import clip_response
+
+        uid = req.user_uid()
+        message_id = chat_input.query_int(req.args, "message_id", low=1, high=chat_input.MAX_ID)
+        if message_id is None:
+            raise ApiError("InvalidInput", "缺少必填参数 message_id")
+        return clip_response(*voice.clip(uid, message_id, req.fc_credentials()))
+
     def initialize() -> None:
         """FC's initializer: open a database connection and load what the first streams need."""
         db.warm()
@@ -142,6 +157,7 @@ def build_app(
         Route("chat_tools", "GET", "/chat/tools", "none", chat_tools),
         Route("chat_tool", "GET", "/chat/tool", "none", chat_tool),
         Route("chat_tool_execute", "POST", "/chat/tool/execute", "bearer_jwt", chat_tool_execute),
+        Route("chat_voice", "GET", "/chat/voice", "bearer_jwt", chat_voice),
     ]
     return create_app(
         service="chat",

@@ -10,6 +10,7 @@ from aichat.accounts.service import Accounts
 from aichat.accounts.sms import build_sms_provider
 from aichat.config import Settings, load_settings
 from aichat.store import open_database
+from aichat.voice.service import eraser as voice_eraser
 from aichat.web import ApiRequest, Route, create_app
 from flask import Flask
 
@@ -20,7 +21,10 @@ def build_app(settings: Settings | None = None, *, sms: Any = None, db: Any = No
     db = db or open_database(settings)
     # Deleting an account erases what ChatService stored too (its feature's own delete_for_user).
     accounts = Accounts(
-        settings, db, sms or build_sms_provider(settings), erasers=[chat.delete_for_user, tools.delete_for_user]
+        settings,
+        db,
+        sms or build_sms_provider(settings),
+        erasers=[chat.delete_for_user, tools.delete_for_user, voice_eraser(settings)],
     )
 
     def login_health(req: ApiRequest) -> dict:

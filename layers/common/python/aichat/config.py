@@ -15,11 +15,15 @@ MIB = 1024 * KIB
 DEFAULT_SMS_ENDPOINT = "dysmsapi.aliyuncs.com"
 # DashScope's OpenAI-compatible mode is the default upstream.
 DEFAULT_LLM_BASE_URL = "https://dashscope.aliyuncs.com/compatible-mode/v1"
+# DashScope's native API (text-to-speech).
+DEFAULT_DASHSCOPE_BASE_URL = "https://dashscope.aliyuncs.com/api/v1"
 
 ENVIRONMENTS = ("local", "test", "production")
 SMS_PROVIDERS = ("dysms", "console")
 WEATHER_PROVIDERS = ("amap", "qweather")
 NEWS_SOURCES = ("baidu", "toutiao")
+TTS_PROVIDERS = ("qwen", "cosyvoice")
+AUDIO_STORES = ("local", "oss")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 MIN_PRODUCTION_SECRET_BYTES = 32
 
@@ -137,6 +141,24 @@ class Settings:
     llm_search_flag: bool = True
     search_strategy: str = "turbo"
 
+    # Voice (GET /chat/voice): DashScope text-to-speech with the model's API key, cached in a store.
+    dashscope_base_url: str = DEFAULT_DASHSCOPE_BASE_URL
+    tts_provider: str = "qwen"  # qwen (Qwen-TTS) or cosyvoice
+    tts_model: str = ""  # empty: qwen3-tts-flash / cosyvoice-v3-flash
+    tts_default_voice: str = ""  # for roles without a voice; empty: Cherry / longanyang
+    tts_connect_timeout_s: float = 5.0
+    tts_read_timeout_s: float = 30.0
+    tts_parallel: int = 3  # pieces of one long reply synthesised at once
+    voice_per_minute: int = 10
+    voice_chars_per_day: int = 20_000
+    audio_store: str = "local"  # local (a directory) or oss
+    audio_dir: str = "/tmp/aichat-audio"  # noqa: S108 - a setting; make run puts it in the data folder
+    oss_endpoint: str = ""  # e.g. https://oss-cn-hangzhou-internal.aliyuncs.com (in-region, internal)
+    oss_bucket: str = ""
+    oss_region: str = ""  # e.g. cn-hangzhou (the V4 signature's scope)
+    oss_prefix: str = "voice/"
+    oss_url_ttl_s: int = 300  # signed URLs live this long (well within the role's credentials)
+
     def __post_init__(self) -> None:
         if not self.llm_models:
             object.__setattr__(self, "llm_models", (self.llm_model,))
@@ -183,6 +205,18 @@ class Settings:
             value = getattr(self, name)
             if value and not value.startswith(("https://", "http://")):
                 raise ConfigError(f"{env_name(name)} must be an http(s) URL")
+        if self.tts_provider not in TTS_PROVIDERS:
+            raise ConfigError(f"AICHAT_TTS_PROVIDER must be one of {', '.join(TTS_PROVIDERS)}")
+        if self.audio_store not in AUDIO_STORES:
+            raise ConfigError(f"AICHAT_AUDIO_STORE must be one of {', '.join(AUDIO_STORES)}")
+        if self.audio_store == "oss" and not (self.oss_endpoint and self.oss_bucket and self.oss_region):
+            raise ConfigError(
+                "AICHAT_AUDIO_STORE=oss needs AICHAT_OSS_ENDPOINT, AICHAT_OSS_BUCKET and AICHAT_OSS_REGION"
+            )
+        if self.oss_endpoint and not self.oss_endpoint.startswith(("https://", "http://")):
+            raise ConfigError("AICHAT_OSS_ENDPOINT must be an http(s) URL")
+        if not self.dashscope_base_url.startswith(("https://", "http://")):
+            raise ConfigError("AICHAT_DASHSCOPE_BASE_URL must be an http(s) URL")
         if self.tool_max_rounds > 10:
             raise ConfigError("AICHAT_TOOL_MAX_ROUNDS must be at most 10")
         for origin in self.cors_origins:
@@ -222,6 +256,12 @@ class Settings:
             "tool_output_max_chars",
             "tool_execute_per_minute",
             "news_cache_s",
+            "tts_connect_timeout_s",
+            "tts_read_timeout_s",
+            "tts_parallel",
+            "voice_per_minute",
+            "voice_chars_per_day",
+            "oss_url_ttl_s",
             "db_read_timeout_s",
             "llm_connect_timeout_s",
             "llm_read_timeout_s",
@@ -343,6 +383,22 @@ ENV_VARS: dict[str, tuple[str, object]] = {
     "AICHAT_NEWS_CACHE": ("news_cache_s", float),
     "AICHAT_LLM_SEARCH_FLAG": ("llm_search_flag", _flag),
     "AICHAT_SEARCH_STRATEGY": ("search_strategy", str),
+    "AICHAT_DASHSCOPE_BASE_URL": ("dashscope_base_url", lambda v: v.rstrip("/")),
+    "AICHAT_TTS_PROVIDER": ("tts_provider", str.lower),
+    "AICHAT_TTS_MODEL": ("tts_model", str),
+    "AICHAT_TTS_DEFAULT_VOICE": ("tts_default_voice", str),
+    "AICHAT_TTS_CONNECT_TIMEOUT": ("tts_connect_timeout_s", float),
+    "AICHAT_TTS_TIMEOUT": ("tts_read_timeout_s", float),
+    "AICHAT_TTS_PARALLEL": ("tts_parallel", int),
+    "AICHAT_VOICE_PER_MINUTE": ("voice_per_minute", int),
+    "AICHAT_VOICE_CHARS_PER_DAY": ("voice_chars_per_day", int),
+    "AICHAT_AUDIO_STORE": ("audio_store", str.lower),
+    "AICHAT_AUDIO_DIR": ("audio_dir", str),
+    "AICHAT_OSS_ENDPOINT": ("oss_endpoint", lambda v: v.rstrip("/")),
+    "AICHAT_OSS_BUCKET": ("oss_bucket", str),
+    "AICHAT_OSS_REGION": ("oss_region", str),
+    "AICHAT_OSS_PREFIX": ("oss_prefix", str),
+    "AICHAT_OSS_URL_TTL": ("oss_url_ttl_s", int),
 }
 
 # Read by the process runner (gunicorn config / make run), not by Settings.

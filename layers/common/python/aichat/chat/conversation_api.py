@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from collections.abc import Callable
 from typing import Any
 
 from ..config import Settings
@@ -40,10 +41,13 @@ def decode_cursor(value: str) -> tuple[int, str]:
 class ConversationApi:
     """The user's conversations as the API shows them."""
 
-    def __init__(self, settings: Settings, db: Database, roles: RoleCatalog) -> None:
+    def __init__(
+        self, settings: Settings, db: Database, roles: RoleCatalog, *, on_removed: Callable[[str], Any] | None = None
+    ) -> None:
         self.settings = settings
         self.db = db
         self.roles = roles
+        self.on_removed = on_removed or (lambda uid: None)  # cached audio of removed messages goes too
 
     def present(self, conversation: Conversation, message_count: int) -> dict[str, Any]:
         """The Conversation object of the API."""
@@ -138,4 +142,6 @@ class ConversationApi:
                 raise ApiError("ConversationNotFound")
             deleted = messages.clear(tx, conversation_id=found.id)
             conversations.delete(tx, conversation_id=found.id)
+        if deleted:
+            self.on_removed(uid)
         return {"success": True, "message": "会话已删除", "deleted_count": deleted}

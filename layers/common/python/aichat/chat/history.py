@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -43,10 +44,13 @@ def history_item(row: Row, settings: Settings) -> dict[str, Any]:
 class History:
     """History, clear and message deletion for the user's conversations."""
 
-    def __init__(self, settings: Settings, db: Database, roles: RoleCatalog) -> None:
+    def __init__(
+        self, settings: Settings, db: Database, roles: RoleCatalog, *, on_removed: Callable[[str], Any] | None = None
+    ) -> None:
         self.settings = settings
         self.db = db
         self.roles = roles
+        self.on_removed = on_removed or (lambda uid: None)  # cached audio of removed messages goes too
 
     def history(self, uid: str, args: Any) -> dict[str, Any]:
         """A conversation's messages, oldest first; a page of them when `limit`/`before_id` is given.
@@ -100,6 +104,8 @@ class History:
                 deleted = messages.clear(tx, conversation_id=conversation.id)
                 conversations.emptied(tx, conversation_id=conversation.id)
         log.info("conversation cleared", extra={"uid": uid, "deleted": deleted})
+        if deleted:
+            self.on_removed(uid)
         return {"success": True, "message": "当前聊天已清空", "deleted_count": deleted}
 
     def delete_message(self, uid: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -109,4 +115,5 @@ class History:
             deleted = messages.delete_one(tx, uid=uid, message_id=message_id)  # type: ignore[arg-type]
         if deleted is None:
             raise ApiError("MessageNotFound")
+        self.on_removed(uid)
         return {"success": True, "message": "消息已删除", "deleted_count": 1}

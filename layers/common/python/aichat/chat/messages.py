@@ -102,7 +102,8 @@ def _int(value: Any) -> int | None:
 def get(tx: Tx, *, uid: str, message_id: int) -> Row | None:
     """One of the user's messages with everything stored for it (None for another user's)."""
     return tx.one(
-        f"SELECT {HISTORY_COLUMNS}, conversation_id, reasoning_content, prompt_tokens, completion_tokens, tool_calls"
+        f"SELECT {HISTORY_COLUMNS}, conversation_id, role_code, reasoning_content, prompt_tokens, completion_tokens,"
+        " tool_calls"
         " FROM messages WHERE id = ? AND uid = ?",
         (message_id, uid),
     )

@@ -74,6 +74,21 @@ def read_skills(raw: object, role_code: str) -> tuple[Skill, ...]:
     return tuple(skills)
 
 
+VOICE_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def read_voice(raw: object, role_code: str) -> tuple[tuple[str, str], ...]:
+    """A role's `voice`: one name for any provider, or {"qwen": "Cherry", "cosyvoice": "longanyang"}."""
+    if raw is None or raw == "":
+        return ()
+    voices = {"*": raw} if isinstance(raw, str) else raw
+    if not isinstance(voices, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and VOICE_RE.fullmatch(v) for k, v in voices.items()
+    ):
+        raise ValueError(f"role {role_code!r}: voice must be a voice name or an object of provider -> voice name")
+    return tuple(sorted(voices.items()))
+
+
 @dataclass(frozen=True)
 class Role:
     """One character users can chat with."""
@@ -88,6 +103,13 @@ class Role:
     sort_order: int = 0
     enabled: bool = True
     skills: tuple[Skill, ...] = field(default=())
+    # The role's voice per TTS provider ("*": any provider); empty: the deployment's default voice.
+    voice: tuple[tuple[str, str], ...] = field(default=())
+
+    def voice_for(self, provider: str) -> str | None:
+        """The role's voice for a TTS provider, if it has one."""
+        voices = dict(self.voice)
+        return voices.get(provider) or voices.get("*")
 
     def skill(self, skill_code: str) -> Skill | None:
         """The role's skill with this code."""
@@ -123,6 +145,7 @@ def read_roles_file(path: str | Path) -> list[Role]:
                 sort_order=int(entry.get("sort_order", index)),
                 enabled=entry.get("enabled", True),
                 skills=read_skills(entry.get("skills"), entry["role_code"]),
+                voice=read_voice(entry.get("voice"), entry["role_code"]),
             )
         )
     return roles
@@ -153,6 +176,7 @@ def sync_roles(db: Database, roles: list[Role], *, fingerprint: str | None = Non
                     "sort_order": role.sort_order,
                     "enabled": int(role.enabled),
                     "skills": json.dumps([s.stored() for s in role.skills], ensure_ascii=False),
+                    "voice": json.dumps(dict(role.voice)) if role.voice else None,
                     "updated_at": now,
                 },
             )
@@ -197,7 +221,7 @@ class RoleCatalog:
         rows = self.db.read(
             lambda tx: tx.all(
                 "SELECT role_code, nickname, intro, avatar_url, background_url, opening_message, system_prompt,"
-                " sort_order, enabled, skills FROM roles WHERE enabled = 1 ORDER BY sort_order, role_code"
+                " sort_order, enabled, skills, voice FROM roles WHERE enabled = 1 ORDER BY sort_order, role_code"
             )
         )
         roles = [_role(row) for row in rows]
@@ -250,7 +274,8 @@ def _role(row: dict[str, Any]) -> Role:
     """A Role from its roles-table row (skills stored as JSON; a row a bad edit broke has none)."""
     try:
         skills = read_skills(json.loads(row["skills"]) if row.get("skills") else None, row["role_code"])
+        voice = read_voice(json.loads(row["voice"]) if row.get("voice") else None, row["role_code"])
     except ValueError:
-        log.error("stored skills of a role are invalid; ignored", extra={"role_code": row["role_code"]})
-        skills = ()
-    return Role(**{**row, "enabled": bool(row["enabled"]), "skills": skills})
+        log.error("stored skills or voice of a role are invalid; ignored", extra={"role_code": row["role_code"]})
+        skills, voice = (), ()
+    return Role(**{**row, "enabled": bool(row["enabled"]), "skills": skills, "voice": voice})

@@ -45,8 +45,11 @@ class ChatService:
         llm: LlmClient,
         limiter: ChatLimiter | None = None,
         tools: ToolRegistry | None = None,
+        on_removed: Callable[[str], Any] | None = None,
     ) -> None:
         self.settings = settings
+        # Called (best effort) after a regenerate or edit removed replies: their cached audio goes too.
+        self.on_removed = on_removed or (lambda uid: None)
         self.db = db
         self.roles = roles
         self.llm = llm
@@ -109,7 +112,9 @@ class ChatService:
             # The image itself is never stored, so a regenerated turn carries its text (or a placeholder).
             return input.TurnInput(text=stored_text(last), image=None, overrides=overrides), last["id"]
 
-        return self._relay(self._start(uid, target, write), client)
+        turn = self._start(uid, target, write)
+        self.on_removed(uid)
+        return self._relay(turn, client)
 
     def edit(self, uid: str, body: dict[str, Any], *, client: socket.socket | None = None) -> StreamRelay:
         """POST /chat/edit: replace the last user message's text (and image), then answer it anew."""
@@ -127,7 +132,9 @@ class ChatService:
             messages.rewrite_user_message(tx, message_id=last["id"], text=new.text, has_image=new.image is not None)
             return new, last["id"]
 
-        return self._relay(self._start(uid, target, write), client)
+        turn = self._start(uid, target, write)
+        self.on_removed(uid)
+        return self._relay(turn, client)
 
     def _skill_turn(self, uid: str, body: dict[str, Any]) -> Turn:
         role_code = body.get("role_code")

@@ -305,4 +305,52 @@ MIGRATIONS: list[tuple[int, str, list[Step], list[Step]]] = [
             + _MYSQL_TABLE,
         ],
     ),
+    (
+        7,
+        "voice clips",
+        [
+            AddColumn("roles", "voice", "TEXT"),
+            """CREATE TABLE IF NOT EXISTS voice_clips (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                uid TEXT NOT NULL,
+                message_id INTEGER NOT NULL,
+                voice TEXT NOT NULL,
+                text_hash TEXT NOT NULL,
+                status TEXT NOT NULL,
+                store_key TEXT NOT NULL,
+                bytes INTEGER NOT NULL,
+                created_at INTEGER NOT NULL,
+                UNIQUE (message_id, voice, text_hash))""",
+            "CREATE INDEX IF NOT EXISTS ix_voice_clips_uid ON voice_clips (uid)",
+            """CREATE TABLE IF NOT EXISTS voice_events (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                uid TEXT NOT NULL,
+                chars INTEGER NOT NULL,
+                created_at INTEGER NOT NULL)""",
+            "CREATE INDEX IF NOT EXISTS ix_voice_events_uid ON voice_events (uid, created_at)",
+        ],
+        [
+            AddColumn("roles", "voice", "TEXT NULL"),
+            """CREATE TABLE IF NOT EXISTS voice_clips (
+                id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+                uid CHAR(24) NOT NULL,
+                message_id BIGINT NOT NULL,
+                voice VARCHAR(64) NOT NULL,
+                text_hash CHAR(32) NOT NULL,
+                status VARCHAR(16) NOT NULL,
+                store_key VARCHAR(255) NOT NULL,
+                bytes INT NOT NULL,
+                created_at BIGINT NOT NULL,
+                UNIQUE KEY uq_voice_clips (message_id, voice, text_hash),
+                KEY ix_voice_clips_uid (uid))"""
+            + _MYSQL_TABLE,
+            """CREATE TABLE IF NOT EXISTS voice_events (
+                id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+                uid CHAR(24) NOT NULL,
+                chars INT NOT NULL,
+                created_at BIGINT NOT NULL,
+                KEY ix_voice_events_uid (uid, created_at))"""
+            + _MYSQL_TABLE,
+        ],
+    ),
 ]
