@@ -67,6 +67,9 @@ FULL_DUMMIES = {
     "AICHAT_QWEATHER_BASE_URL": "https://dummy.re.qweatherapi.com",
     "AICHAT_QWEATHER_KEY": "dummy-qweather-key",
     "AICHAT_NEWS_SOURCES": "toutiao",
+    "AICHAT_DEPLOY_CHAT_ROLE_ARN": "acs:ram::1234567890123456:role/aichat-chat-dummy",
+    "AICHAT_OSS_BUCKET": "aichat-voice-dummy",
+    "AICHAT_TTS_PROVIDER": "cosyvoice",
 }
 ENV_CALL = re.compile(r"""env\(\s*['"]([A-Za-z0-9_]+)['"]\s*(,)?""")
 
@@ -244,6 +247,15 @@ def test_anonymous_http_trigger_with_preflight(rendered, function):
     assert trigger["triggerType"] == "http"
     assert trigger["triggerConfig"]["authType"] == "anonymous"
     assert {"GET", "POST", "OPTIONS"} <= set(trigger["triggerConfig"]["methods"])
+
+
+def test_voice_store_follows_the_bucket(rendered, rendered_full):
+    for function in FUNCTIONS:
+        assert env_of(rendered, function)["AICHAT_AUDIO_STORE"] == "local"  # no bucket: the instance's disk
+        full = env_of(rendered_full, function)
+        assert full["AICHAT_AUDIO_STORE"] == "oss" and full["AICHAT_OSS_BUCKET"] == "aichat-voice-dummy"
+        assert full["AICHAT_OSS_ENDPOINT"] == f"https://oss-{full['AICHAT_OSS_REGION']}-internal.aliyuncs.com"
+    assert props_of(rendered_full, "chat")["role"] == FULL_DUMMIES["AICHAT_DEPLOY_CHAT_ROLE_ARN"]
 
 
 def test_login_role_and_optional_network(rendered, rendered_full):
