@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ("load", "relay", "coldstart", "throughput", "scale")
+SCRIPTS = ("load", "relay", "coldstart", "throughput", "scale", "tools", "voice")
 TAKES_MYSQL = ("load", "relay", "scale")
 TIMEOUT_S = 420
 

@@ -13,6 +13,7 @@ Tests script faults with `fail(status=…, body=…, delay=…, times=…)` and 
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -38,15 +39,18 @@ def weight(text: str) -> int:
     return sum(2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1 for ch in text)
 
 
+@functools.lru_cache(maxsize=4096)
+def _tone(freq: int) -> bytes:
+    per = int(RATE * TONE_S)
+    samples = (
+        int(8000 * min(1.0, i / 120, (per - i) / 120) * math.sin(2 * math.pi * freq * i / RATE)) for i in range(per)
+    )
+    return struct.pack(f"<{per}h", *samples)
+
+
 def tone_wav(text: str) -> bytes:
     """A WAV with one 60 ms tone per character (pitch 300–800 Hz by the character's code)."""
-    frames = bytearray()
-    per = int(RATE * TONE_S)
-    for ch in text:
-        freq = 300 + ord(ch) % 500
-        for i in range(per):
-            fade = min(1.0, i / 120, (per - i) / 120)
-            frames += struct.pack("<h", int(8000 * fade * math.sin(2 * math.pi * freq * i / RATE)))
+    frames = b"".join(_tone(300 + ord(ch) % 500) for ch in text)
     out = io.BytesIO()
     with wave.open(out, "wb") as writer:
         writer.setnchannels(1)
