@@ -1,5 +1,6 @@
 """The web client end to end in Debian's Chromium (Playwright): login, roles, streaming, history, image,
-conversations (create, switch, rename, delete, a stream error under its reply), clear."""
+conversations (create, switch, rename, delete, a stream error under its reply), clear; a role's skills and the
+tool progress under a reply (the tool providers are loopback fakes)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from dev.fake_tools import FakeTools
 from dev.webserver import WebServer
 from tests.conftest import IN_CI, chat_env
+from tests.helpers import Client, ServerProcess
 
 try:
     from playwright.sync_api import Browser, Page, expect, sync_playwright
@@ -73,11 +76,31 @@ def browser() -> Iterator[Browser]:
 
 
 @pytest.fixture(scope="module")
-def site(start_server, sqlite_url, fake_llm_server) -> Iterator[WebServer]:
+def fake_tools_server() -> Iterator[FakeTools]:
+    """The fake weather and hot-board providers the chat server's tools call."""
+    fake = FakeTools().start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def fake_tools(fake_tools_server: FakeTools) -> FakeTools:
+    """The fake providers with no faults scripted and no requests recorded."""
+    fake_tools_server.reset()
+    return fake_tools_server
+
+
+@pytest.fixture(scope="module")
+def chat_service(start_server, sqlite_url, fake_llm_server, fake_tools_server) -> ServerProcess:
+    """ChatService on SQLite, its tool providers pointed at the fakes."""
+    return start_server("chat", **chat_env(fake_llm_server, sqlite_url, **fake_tools_server.env()))
+
+
+@pytest.fixture(scope="module")
+def site(start_server, sqlite_url, chat_service) -> Iterator[WebServer]:
     """Both services on SQLite and the web client pointed at them."""
     login = start_server("login", AICHAT_DB_URL=sqlite_url)
-    chat = start_server("chat", **chat_env(fake_llm_server, sqlite_url))
-    web = WebServer(login_base_url=login.base_url, chat_base_url=chat.base_url).start()
+    web = WebServer(login_base_url=login.base_url, chat_base_url=chat_service.base_url).start()
     yield web
     web.stop()
 
@@ -332,3 +355,100 @@ def test_webserver_serves_only_the_web_root(site):
             assert get(path)[0] == 404, path
     finally:
         conn.close()
+
+
+WEATHER_Q = "杭州现在天气怎么样?"
+
+
+def test_tool_progress_and_skills(browser, site, chat_service, fake_llm, fake_tools):
+    context = browser.new_context(viewport={"width": 420, "height": 820}, locale="zh-CN")
+    context.set_default_timeout(10_000)
+    context.route(EXTERNAL, lambda route: route.fulfill(status=200, content_type="image/png", body=png()))
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(f"pageerror: {exc}"))
+    page.on("console", lambda msg: errors.append(f"console: {msg.text}") if msg.type == "error" else None)
+    try:
+        page.goto(site.url)
+        page.click("#login-btn")
+        page.click('.role-card[data-role="wanqing"]')
+        expect(page.locator("#chat-name")).to_have_text("晚晴")
+        expect(page.locator("#messages")).to_have_attribute("aria-busy", "false")
+        if page.locator(".bubble").count() > 1:
+            page.once("dialog", lambda dialog: dialog.accept())
+            page.click("#clear-btn")
+            expect(page.locator(".bubble")).to_have_count(1)
+
+        # The skills bar: a chip per skill, but not web search (the server lists it; it cannot be run directly).
+        listed = Client(chat_service.base_url).get("/chat/role/skills", params={"role_code": "wanqing"}).json()
+        assert [s["skill_code"] for s in listed["skills"]] == ["stargazing", "gossip", "recall", "clock", "search"]
+        chips = page.locator("#skills-bar .skill-chip")
+        expect(chips).to_have_text(["观星", "八卦", "推演", "看时辰"])
+        expect(page.locator('.skill-chip[data-skill="search"]')).to_have_count(0)
+
+        # A question the stand-in model answers with a weather lookup. The provider is slowed down and the
+        # answer streams slowly, so the live line is seen running and then ended, while the reply still streams.
+        fake_tools.fail("/v3/geocode", delay=1.0, times=1)
+        fake_llm.enqueue()  # round one, unscripted: the model calls get_weather
+        fake_llm.enqueue(delay=0.25)  # round two: the answer built on the tool result, slowly
+        page.fill("#message", WEATHER_Q)
+        page.press("#message", "Enter")
+        live = page.locator(".bubble.assistant.streaming + .tool-trace .tool-line")
+        expect(live).to_have_count(1)
+        expect(live).to_have_class(re.compile(r"\brunning\b"))
+        expect(live).to_have_attribute("data-name", "get_weather")
+        expect(live.locator(".tool-display")).to_have_text("正在查询杭州天气…")
+        expect(live).to_have_class(re.compile(r"\bok\b"))
+        expect(live.locator(".tool-display")).to_have_text("杭州市 晴 21°C")
+        expect(live.locator(".tool-icon")).to_have_text("✓")
+        expect(page.locator(".bubble.streaming")).to_have_count(0)
+        # After [DONE] the history (include_tools=1) is read back: the line stays under the stored reply.
+        reply = page.locator(".bubble.assistant").last
+        expect(reply.locator(".text")).to_contain_text("21")
+        expect(reply).to_have_attribute("data-id", re.compile(r"\S"))
+        line = page.locator(".bubble.assistant + .tool-trace .tool-line")
+        expect(line).to_have_count(1)
+        expect(line).to_have_class(re.compile(r"\bok\b"))
+        expect(line.locator(".tool-display")).to_have_text("杭州市 晴 21°C")
+        first, second = (r["body"] for r in fake_llm.requests)
+        assert "get_weather" in {t["function"]["name"] for t in first["tools"]}
+        assert second["messages"][-1]["role"] == "tool"
+        answer = reply.locator(".text").inner_text()
+
+        # A reload shows the same finished line from the history.
+        page.reload()
+        expect(page.locator("#messages")).to_have_attribute("aria-busy", "false")
+        expect(page.locator(".bubble.user .text")).to_have_text([WEATHER_Q])
+        expect(page.locator(".bubble.assistant .text").last).to_have_text(answer)
+        expect(line).to_have_count(1)
+        expect(line.locator(".tool-display")).to_have_text("杭州市 晴 21°C")
+        expect(line.locator(".tool-icon")).to_have_text("✓")
+
+        # 观星 asks for a city inline (杭州 by default), then streams like a message: its tool line, an answer.
+        fake_llm.reset()
+        fake_llm.enqueue(delay=0.2)
+        page.locator('.skill-chip[data-skill="stargazing"]').click()
+        expect(page.locator("#skill-form")).to_be_visible()
+        expect(page.locator("#skill-arg-label")).to_contain_text("观星")
+        expect(page.locator("#skill-arg")).to_have_value("杭州")
+        page.fill("#skill-arg", "北京")
+        page.press("#skill-arg", "Enter")
+        expect(page.locator("#skill-form")).to_be_hidden()
+        expect(page.locator(".bubble.user .text").last).to_have_text("（使用技能「观星」：北京）")
+        expect(live).to_have_count(1)
+        expect(live.locator(".tool-display")).to_have_text("北京市 多云 8°C")
+        expect(chips.first).to_be_disabled()
+        expect(page.locator(".bubble.streaming")).to_have_count(0)
+        expect(chips.first).to_be_enabled()
+        expect(page.locator(".bubble.user .text")).to_have_text([WEATHER_Q, "（使用技能「观星」：北京）"])
+        expect(page.locator(".bubble.assistant .text").last).to_contain_text("北京")
+        expect(line).to_have_count(2)
+        expect(line.last.locator(".tool-display")).to_have_text("北京市 多云 8°C")
+        expect(line.last).to_have_class(re.compile(r"\bok\b"))
+        (request,) = fake_llm.requests  # the tool ran first; one model round answered about it
+        assert request["body"]["messages"][-3]["content"] == "（使用技能「观星」：北京）"
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "skills.png"), animations="disabled")
+    finally:
+        context.close()
+    assert errors == []

@@ -1,5 +1,6 @@
 // Reference web client of the aichat API (contract section 7): login, role picker, streaming chat,
-// and each role's conversations (chat-api-v2: /chat/conversations, conversation_id, x_event frames).
+// and each role's conversations (chat-api-v2: /chat/conversations, conversation_id, x_event frames),
+// the role's skills (/chat/role/skills, /chat/skill) and the tool progress of a reply (tool.start / tool.end).
 
 const $ = (selector) => document.querySelector(selector);
 const TOKEN_KEY = "aichat.token";
@@ -7,6 +8,10 @@ const USER_KEY = "aichat.user";
 const RESEND_SECONDS = 60;
 const CONVERSATION_PAGE = 20; // /chat/conversations limit: 1..100
 const TITLE_MAX = 100; // a conversation title, after trimming
+// Skills the role uses by itself as the chat goes (web search): POST /chat/skill refuses them, so no chip.
+const CHAT_ONLY_SKILLS = new Set(["search"]);
+// What a skill asks for before it runs (its tool's required arguments); the others take none.
+const SKILL_ARGUMENTS = { stargazing: { name: "city", label: "哪个城市？", fallback: "杭州" } };
 
 const state = {
   loginBase: "",
@@ -21,6 +26,8 @@ const state = {
   notes: new Map(), // reply id ("" for a reply never stored) -> the stream error shown under that reply
   image: null, // {base64, type, url} of the photo waiting to be sent
   stream: null, // AbortController of the reply being streamed
+  skills: [], // the open role's skills that can be used directly (GET /chat/role/skills, less the chat-only ones)
+  pendingSkill: null, // the skill whose argument is being asked for
 };
 
 class ApiError extends Error {
@@ -284,6 +291,10 @@ async function openChat(role) {
   showView("chat");
   renderMessages([]);
   renderConversations();
+  state.skills = [];
+  closeSkillForm();
+  renderSkills();
+  loadSkills(role); // in parallel with the history: the chips are extra, the chat works without them
   await openDefault();
   if (state.role === role) $("#message").focus();
 }
@@ -323,12 +334,89 @@ function renderMessages(messages) {
   for (const m of messages) {
     const sender = m.sender_role === "user" ? "user" : "assistant";
     addBubble(bubble(sender, m.content, { id: m.id, hasImage: m.has_image, partial: m.is_partial, time: m.created_at }));
+    // What the reply was built on (include_tools=1): the finished tool lines, as they ended while streaming.
+    if (sender === "assistant" && Array.isArray(m.tools) && m.tools.length) {
+      const trace = toolTrace();
+      for (const call of m.tools) {
+        if (!call || typeof call !== "object") continue;
+        const line = toolLine(call.tool_call_id, call.name);
+        trace.append(line);
+        if (typeof call.ok === "boolean") endToolLine(line, call);
+        else stopToolLine(line, call.display);
+      }
+      if (trace.childElementCount) addBubble(trace);
+    }
   }
   // A stream error stays under its reply when the history is shown again.
+  const bubbles = box.querySelectorAll(".bubble");
   for (const [id, text] of state.notes) {
-    const target = (id && box.querySelector(`.bubble[data-id="${CSS.escape(id)}"]`)) || box.lastElementChild;
+    const target = (id && box.querySelector(`.bubble[data-id="${CSS.escape(id)}"]`)) || bubbles[bubbles.length - 1];
     addNote(target, text);
   }
+}
+
+// ---- tool progress under a reply (x_event tool.start / tool.end; the history's `tools`) ----
+
+function toolTrace() {
+  const trace = document.createElement("ul");
+  trace.className = "tool-trace";
+  trace.setAttribute("aria-label", "工具调用");
+  return trace;
+}
+
+// One line per tool call: an icon (a spinner while it runs, then ✓ or ✗) and the server's display text.
+function toolLine(callId, name) {
+  const line = document.createElement("li");
+  line.className = "tool-line";
+  if (typeof callId === "string" && callId) line.dataset.callId = callId;
+  if (typeof name === "string" && name) line.dataset.name = name;
+  const icon = document.createElement("span");
+  icon.className = "tool-icon";
+  icon.setAttribute("aria-hidden", "true");
+  const display = document.createElement("span");
+  display.className = "tool-display";
+  display.textContent = typeof name === "string" && name ? name : "工具";
+  line.append(icon, display);
+  return line;
+}
+
+function setToolLine(line, status, text, title = "") {
+  line.classList.remove("running", "ok", "failed", "stopped");
+  line.classList.add(status);
+  line.querySelector(".tool-icon").textContent = { running: "", ok: "✓", failed: "✗", stopped: "–" }[status];
+  if (typeof text === "string" && text) line.querySelector(".tool-display").textContent = text;
+  if (title) line.title = title;
+  else line.removeAttribute("title");
+}
+
+function startToolLine(line, display) {
+  setToolLine(line, "running", display, "进行中");
+}
+
+function endToolLine(line, { ok, display, ms }) {
+  const took = Number.isFinite(ms) ? `，用时 ${ms} ms` : "";
+  setToolLine(line, ok === false ? "failed" : "ok", display, `${ok === false ? "失败" : "完成"}${took}`);
+}
+
+// A call whose end never came (the stream broke off): no spinner left running.
+function stopToolLine(line, display) {
+  setToolLine(line, "stopped", display, "未完成");
+}
+
+// The reply's line of this call, made (with its list, right under the bubble) on the call's first event.
+function liveToolLine(turn, event) {
+  const id = typeof event.tool_call_id === "string" ? event.tool_call_id : "";
+  let line = id ? turn.tools.get(id) : null;
+  if (!line) {
+    if (!turn.trace || !turn.trace.isConnected) {
+      turn.trace = toolTrace();
+      turn.reply.after(turn.trace);
+    }
+    line = toolLine(id, event.name);
+    turn.trace.append(line);
+    if (id) turn.tools.set(id, line);
+  }
+  return line;
 }
 
 // A small notice right under a reply bubble.
@@ -351,7 +439,7 @@ async function refreshHistory() {
   box.setAttribute("aria-busy", "true");
   try {
     const query = id ? `conversation_id=${encodeURIComponent(id)}` : `role_code=${encodeURIComponent(role.role_code)}`;
-    const data = await getJson(state.chatBase, `/chat/history?${query}`, { auth: true });
+    const data = await getJson(state.chatBase, `/chat/history?${query}&include_tools=1`, { auth: true });
     if (current()) renderMessages(data.messages || []);
   } catch (err) {
     handleError(err);
@@ -575,6 +663,8 @@ function abortStream() {
 function setStreaming(on) {
   $("#send-btn").disabled = on;
   $("#clear-btn").disabled = on;
+  $("#skill-go").disabled = on;
+  for (const chip of document.querySelectorAll(".skill-chip")) chip.disabled = on;
   $("#composer").classList.toggle("busy", on);
 }
 
@@ -583,25 +673,39 @@ async function send(event) {
   const text = $("#message").value.trim();
   const image = state.image;
   if (state.stream || !state.role || (!text && !image)) return;
-  clearMessages();
   const body = { role_code: state.role.role_code };
   if (state.conversationId) body.conversation_id = state.conversationId;
   if (text) body.message = text;
   if (image) Object.assign(body, { image_base64: image.base64, image_mime_type: image.type });
+  const accepted = () => {
+    $("#message").value = "";
+    removePhoto();
+  };
+  await streamTurn("/chat/stream", body, { text, hasImage: Boolean(image), accepted });
+}
 
+// One streamed turn (/chat/stream or /chat/skill, the same SSE): the user's bubble, the reply growing under it
+// with its tool lines, then the stored record read back.
+async function streamTurn(path, body, { text, hasImage = false, accepted = () => {} }) {
+  clearMessages();
   const controller = new AbortController();
   state.stream = controller;
   setStreaming(true);
-  const turn = { user: addBubble(bubble("user", text, { hasImage: Boolean(image) })), reply: addBubble(bubble("assistant", "")) };
+  const turn = {
+    user: addBubble(bubble("user", text, { hasImage })),
+    reply: addBubble(bubble("assistant", "")),
+    trace: null, // the reply's tool lines, made on the first tool event
+    tools: new Map(), // tool_call_id -> its line
+  };
   const { reply } = turn;
   reply.classList.add("streaming");
   try {
-    const res = await request(state.chatBase, "/chat/stream", { method: "POST", body, auth: true, signal: controller.signal });
-    $("#message").value = "";
-    removePhoto();
+    const res = await request(state.chatBase, path, { method: "POST", body, auth: true, signal: controller.signal });
+    accepted();
     await readStream(res, turn);
   } catch (err) {
     reply.remove();
+    turn.trace?.remove();
     handleError(err);
   } finally {
     if (state.stream === controller) state.stream = null;
@@ -639,13 +743,15 @@ async function readStream(res, turn) {
     reader.cancel().catch(() => {});
   }
   reply.classList.remove("streaming");
+  for (const line of turn.trace?.querySelectorAll(".tool-line.running") || []) stopToolLine(line);
   if (!done) {
     reply.classList.add("failed");
     showError("连接中断，回复可能不完整");
   }
 }
 
-// The text is choices[0].delta.content of every frame; x_event says what the server did (stream.meta, done, error).
+// The text is choices[0].delta.content of every frame; x_event says what the server did (stream.meta, tool.start,
+// tool.end, done, error; any other type is ignored).
 function applyFrame(frame, turn, textEl) {
   if (!frame) return;
   const content = frame.choices?.[0]?.delta?.content;
@@ -661,6 +767,13 @@ function applyFrame(frame, turn, textEl) {
     if (!state.conversationId && typeof event.conversation_id === "string" && event.conversation_id) {
       state.conversationId = event.conversation_id;
     }
+  } else if (event.type === "tool.start") {
+    const line = liveToolLine(turn, event);
+    startToolLine(line, typeof event.display === "string" && event.display ? event.display : `正在使用 ${event.name || "工具"}…`);
+    const box = $("#messages");
+    box.scrollTop = box.scrollHeight;
+  } else if (event.type === "tool.end") {
+    endToolLine(liveToolLine(turn, event), event);
   } else if (event.type === "done") {
     if (event.message_id != null) turn.reply.dataset.id = event.message_id;
   }
@@ -691,6 +804,88 @@ async function clearChat() {
     handleError(err);
   }
   if (state.token && state.role === role) await Promise.all([refreshHistory(), loadConversations()]);
+}
+
+// ---- the role's skills (chips above the composer; POST /chat/skill streams like a message) ----
+
+async function loadSkills(role) {
+  let skills = [];
+  try {
+    const data = await getJson(state.chatBase, `/chat/role/skills?role_code=${encodeURIComponent(role.role_code)}`);
+    skills = (Array.isArray(data.skills) ? data.skills : []).filter(
+      (s) => s && typeof s.skill_code === "string" && typeof s.name === "string" && !CHAT_ONLY_SKILLS.has(s.skill_code),
+    );
+  } catch (err) {
+    // A server without skills (or a role that has none): no chips, the chat itself is unaffected.
+    if (err.name === "AbortError") return;
+  }
+  if (state.role !== role) return;
+  state.skills = skills;
+  renderSkills();
+}
+
+function renderSkills() {
+  const bar = $("#skills-bar");
+  bar.replaceChildren();
+  for (const skill of state.skills) {
+    const chip = document.createElement("button");
+    chip.type = "button";
+    chip.className = "skill-chip";
+    chip.dataset.skill = skill.skill_code;
+    chip.textContent = skill.name;
+    if (typeof skill.description === "string") chip.title = skill.description;
+    chip.disabled = Boolean(state.stream);
+    chip.addEventListener("click", () => pickSkill(skill));
+    bar.append(chip);
+  }
+  $("#skills").hidden = !state.skills.length;
+}
+
+// A skill that needs an argument asks for it inline first; the others run at once.
+function pickSkill(skill) {
+  if (state.stream || !state.role) return;
+  const ask = SKILL_ARGUMENTS[skill.skill_code];
+  if (!ask) {
+    closeSkillForm();
+    return useSkill(skill, null);
+  }
+  state.pendingSkill = skill;
+  $("#skill-arg-label").textContent = `${skill.name}：${ask.label}`;
+  const input = $("#skill-arg");
+  input.value = ask.fallback;
+  input.placeholder = ask.fallback;
+  $("#skill-form").hidden = false;
+  for (const chip of document.querySelectorAll(".skill-chip")) {
+    chip.setAttribute("aria-pressed", String(chip.dataset.skill === skill.skill_code));
+  }
+  input.focus();
+  input.select();
+}
+
+function closeSkillForm() {
+  state.pendingSkill = null;
+  $("#skill-form").hidden = true;
+  for (const chip of document.querySelectorAll(".skill-chip")) chip.removeAttribute("aria-pressed");
+}
+
+function submitSkillForm(event) {
+  event.preventDefault();
+  const skill = state.pendingSkill;
+  if (!skill || state.stream) return;
+  const ask = SKILL_ARGUMENTS[skill.skill_code];
+  const value = $("#skill-arg").value.trim() || ask.fallback;
+  closeSkillForm();
+  useSkill(skill, { [ask.name]: value });
+}
+
+async function useSkill(skill, args) {
+  if (state.stream || !state.role) return;
+  const body = { role_code: state.role.role_code, skill_code: skill.skill_code };
+  if (state.conversationId) body.conversation_id = state.conversationId;
+  if (args) body.arguments = args;
+  // What the server stores as the user's message (the history read after [DONE] shows its own record).
+  const shown = args ? Object.values(args).join("，") : "";
+  await streamTurn("/chat/skill", body, { text: `（使用技能「${skill.name}」${shown ? `：${shown}` : ""}）` });
 }
 
 // ---- photo attachment ----
@@ -742,11 +937,17 @@ async function start() {
   $("#conv-backdrop").addEventListener("click", closeDrawer);
   $("#new-conv-btn").addEventListener("click", newConversation);
   $("#conv-more").addEventListener("click", () => loadConversations({ more: true }));
-  document.addEventListener("keydown", (event) => event.key === "Escape" && closeDrawer());
+  document.addEventListener("keydown", (event) => {
+    if (event.key !== "Escape") return;
+    closeDrawer();
+    closeSkillForm();
+  });
   $("#composer").addEventListener("submit", send);
   $("#message").addEventListener("keydown", onKeydown);
   $("#photo-input").addEventListener("change", pickPhoto);
   $("#photo-remove").addEventListener("click", removePhoto);
+  $("#skill-form").addEventListener("submit", submitSkillForm);
+  $("#skill-cancel").addEventListener("click", closeSkillForm);
   window.addEventListener("hashchange", route);
   await loadConfig();
   await route();
