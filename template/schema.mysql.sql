@@ -35,3 +35,21 @@ CREATE TABLE IF NOT EXISTS tool_runs ( id BIGINT NOT NULL AUTO_INCREMENT PRIMARY
 ALTER TABLE roles ADD COLUMN voice TEXT NULL;
 CREATE TABLE IF NOT EXISTS voice_clips ( id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY, uid CHAR(24) NOT NULL, message_id BIGINT NOT NULL, voice VARCHAR(64) NOT NULL, text_hash CHAR(32) NOT NULL, status VARCHAR(16) NOT NULL, store_key VARCHAR(255) NOT NULL, bytes INT NOT NULL, created_at BIGINT NOT NULL, UNIQUE KEY uq_voice_clips (message_id, voice, text_hash), KEY ix_voice_clips_uid (uid)) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
 CREATE TABLE IF NOT EXISTS voice_events ( id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY, uid CHAR(24) NOT NULL, chars INT NOT NULL, created_at BIGINT NOT NULL, KEY ix_voice_events_uid (uid, created_at)) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
+
+-- migration 8: password accounts, sessions and refresh tokens
+ALTER TABLE users MODIFY country_code VARCHAR(4) NULL, MODIFY phone_number VARCHAR(15) NULL;
+ALTER TABLE users ADD COLUMN username VARCHAR(64) NULL;
+ALTER TABLE users ADD COLUMN username_key VARCHAR(96) NULL;
+ALTER TABLE users ADD COLUMN email VARCHAR(254) NULL;
+ALTER TABLE users ADD COLUMN email_key VARCHAR(254) NULL;
+ALTER TABLE users ADD COLUMN nickname VARCHAR(64) NULL;
+ALTER TABLE users ADD COLUMN avatar_url VARCHAR(512) NULL;
+ALTER TABLE users ADD COLUMN bio VARCHAR(400) NULL;
+ALTER TABLE users ADD COLUMN password_hash VARCHAR(255) NULL;
+ALTER TABLE users ADD COLUMN sessions_after BIGINT NULL;
+ALTER TABLE users ADD COLUMN updated_at BIGINT NULL;
+CREATE UNIQUE INDEX uq_users_username ON users (username_key);
+CREATE UNIQUE INDEX uq_users_email ON users (email_key);
+CREATE TABLE IF NOT EXISTS sessions ( id CHAR(24) NOT NULL PRIMARY KEY, uid CHAR(24) NOT NULL, created_at BIGINT NOT NULL, last_used_at BIGINT NOT NULL, expires_at BIGINT NOT NULL, client_ip VARCHAR(64) NOT NULL, user_agent VARCHAR(255) NOT NULL, revoked_at BIGINT NULL, KEY ix_sessions_uid (uid)) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
+CREATE TABLE IF NOT EXISTS refresh_tokens ( token_hash CHAR(64) NOT NULL PRIMARY KEY, session_id CHAR(24) NOT NULL, uid CHAR(24) NOT NULL, created_at BIGINT NOT NULL, expires_at BIGINT NOT NULL, used_at BIGINT NULL, KEY ix_refresh_tokens_session (session_id)) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
+CREATE TABLE IF NOT EXISTS login_failures ( id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY, account_key VARCHAR(254) NOT NULL, client_ip VARCHAR(64) NOT NULL, created_at BIGINT NOT NULL, KEY ix_login_failures_account (account_key, created_at), KEY ix_login_failures_ip (client_ip, created_at)) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;

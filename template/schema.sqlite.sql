@@ -46,3 +46,13 @@ CREATE TABLE IF NOT EXISTS voice_clips ( id INTEGER PRIMARY KEY AUTOINCREMENT, u
 CREATE INDEX IF NOT EXISTS ix_voice_clips_uid ON voice_clips (uid);
 CREATE TABLE IF NOT EXISTS voice_events ( id INTEGER PRIMARY KEY AUTOINCREMENT, uid TEXT NOT NULL, chars INTEGER NOT NULL, created_at INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS ix_voice_events_uid ON voice_events (uid, created_at);
+
+-- migration 8: password accounts, sessions and refresh tokens
+-- data step: users: the phone becomes optional (password accounts), with username, email, profile and password
+CREATE TABLE IF NOT EXISTS sessions ( id TEXT PRIMARY KEY, uid TEXT NOT NULL, created_at INTEGER NOT NULL, last_used_at INTEGER NOT NULL, expires_at INTEGER NOT NULL, client_ip TEXT NOT NULL, user_agent TEXT NOT NULL, revoked_at INTEGER);
+CREATE INDEX IF NOT EXISTS ix_sessions_uid ON sessions (uid);
+CREATE TABLE IF NOT EXISTS refresh_tokens ( token_hash TEXT PRIMARY KEY, session_id TEXT NOT NULL, uid TEXT NOT NULL, created_at INTEGER NOT NULL, expires_at INTEGER NOT NULL, used_at INTEGER);
+CREATE INDEX IF NOT EXISTS ix_refresh_tokens_session ON refresh_tokens (session_id);
+CREATE TABLE IF NOT EXISTS login_failures ( id INTEGER PRIMARY KEY AUTOINCREMENT, account_key TEXT NOT NULL, client_ip TEXT NOT NULL, created_at INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS ix_login_failures_account ON login_failures (account_key, created_at);
+CREATE INDEX IF NOT EXISTS ix_login_failures_ip ON login_failures (client_ip, created_at);

@@ -6,6 +6,8 @@ from functools import partial
 from typing import Any
 
 from aichat import chat, tokens, tools
+from aichat.accounts import passwords
+from aichat.accounts.passwords_api import PasswordAccounts
 from aichat.accounts.service import Accounts
 from aichat.accounts.sms import build_sms_provider
 from aichat.config import Settings, load_settings
@@ -27,6 +29,8 @@ def build_app(settings: Settings | None = None, *, sms: Any = None, db: Any = No
         erasers=[chat.delete_for_user, tools.delete_for_user, voice_eraser(settings)],
     )
 
+    password_accounts = PasswordAccounts(settings, db, accounts.sessions)
+
     def login_health(req: ApiRequest) -> dict:
         """Liveness for FC's health check and for clients."""
         return {"success": True, "service": "login", "message": "ok"}
@@ -37,15 +41,47 @@ def build_app(settings: Settings | None = None, *, sms: Any = None, db: Any = No
 
     def login(req: ApiRequest) -> dict:
         """Exchange a verification code for an access token."""
-        return accounts.login(req.json())
+        return accounts.login(req.json(), client_ip=req.client_ip, user_agent=user_agent(req))
 
     def me(req: ApiRequest) -> dict:
         """The signed-in user's profile (extension)."""
         return accounts.me(req.user_uid())
 
     def logout(req: ApiRequest) -> dict:
-        """Revoke the presented token everywhere (extension)."""
+        """End the presented token's session everywhere (extension)."""
         return accounts.logout(req.claims)
+
+    def register(req: ApiRequest) -> dict:
+        """A new account with a username and a password (extension)."""
+        return password_accounts.register(req.json())
+
+    def login_password(req: ApiRequest) -> dict:
+        """Log in with a username, email or phone and a password (extension)."""
+        return password_accounts.login(req.json(), client_ip=req.client_ip, user_agent=user_agent(req))
+
+    def password_set(req: ApiRequest) -> dict:
+        """Add a password, or change it (extension)."""
+        return password_accounts.set_password(req.claims, req.json())
+
+    def token_refresh(req: ApiRequest) -> dict:
+        """A new access token and refresh token for a refresh token (rotation; extension)."""
+        return accounts.sessions.refresh(req.json())
+
+    def logout_all(req: ApiRequest) -> dict:
+        """End every session of the user (extension)."""
+        return accounts.sessions.logout_all(req.claims)
+
+    def sessions_list(req: ApiRequest) -> dict:
+        """The user's sessions (extension)."""
+        return accounts.sessions.list(req.claims)
+
+    def session_revoke(req: ApiRequest) -> dict:
+        """End one of the user's sessions (extension)."""
+        return accounts.sessions.revoke_one(req.claims, req.json())
+
+    def me_update(req: ApiRequest) -> dict:
+        """Change the profile: nickname, avatar_url, bio (extension)."""
+        return accounts.update_profile(req.user_uid(), req.json())
 
     def account_delete(req: ApiRequest) -> dict:
         """Erase the account and everything stored for it (extension)."""
@@ -55,6 +91,7 @@ def build_app(settings: Settings | None = None, *, sms: Any = None, db: Any = No
         """FC's initializer: open a database connection and load what the first logins need."""
         db.warm()
         tokens.preload()
+        passwords.preload()
 
     routes = [
         Route("login_health", "GET", "/health", "none", login_health),
@@ -64,6 +101,14 @@ def build_app(settings: Settings | None = None, *, sms: Any = None, db: Any = No
         Route("me", "GET", "/me", "bearer_jwt", me),
         Route("logout", "POST", "/logout", "bearer_jwt", logout),
         Route("account_delete", "POST", "/account/delete", "bearer_jwt", account_delete),
+        Route("register", "POST", "/register", "none", register, json_only=True),
+        Route("login_password", "POST", "/login/password", "none", login_password, json_only=True),
+        Route("token_refresh", "POST", "/token/refresh", "none", token_refresh, json_only=True),
+        Route("password_set", "POST", "/password/set", "bearer_jwt", password_set),
+        Route("logout_all", "POST", "/logout/all", "bearer_jwt", logout_all),
+        Route("sessions", "GET", "/sessions", "bearer_jwt", sessions_list),
+        Route("session_revoke", "POST", "/session/revoke", "bearer_jwt", session_revoke),
+        Route("me_update", "POST", "/me/update", "bearer_jwt", me_update),
     ]
     return create_app(
         service="login",
@@ -74,6 +119,13 @@ def build_app(settings: Settings | None = None, *, sms: Any = None, db: Any = No
         on_initialize=initialize,
         on_pre_stop=db.close_idle,
     )
+
+
+def user_agent(req: ApiRequest) -> str:
+    """The caller's User-Agent, for the session list (cut to what is stored)."""
+    from flask import request
+
+    return (request.headers.get("User-Agent") or "")[:255]
 
 
 app = build_app()

@@ -83,6 +83,11 @@ class Settings:
     code_max_per_phone_per_day: int = 10
     code_max_per_ip_per_day: int = 50
     code_max_attempts: int = 5
+    # Refresh tokens (every login returns one) and failed password logins.
+    refresh_ttl_s: int = 30 * 86_400
+    password_fail_window_s: int = 900
+    password_fail_per_account: int = 10
+    password_fail_per_ip: int = 50
 
     # ChatService
     chat_body_limit: int = 16 * MIB
@@ -236,6 +241,10 @@ class Settings:
             "chat_body_limit",
             "code_ttl_s",
             "code_max_attempts",
+            "refresh_ttl_s",
+            "password_fail_window_s",
+            "password_fail_per_account",
+            "password_fail_per_ip",
             "message_max_chars",
             "image_max_bytes",
             "context_tokens",
@@ -341,6 +350,10 @@ ENV_VARS: dict[str, tuple[str, object]] = {
     "AICHAT_CODE_MAX_PER_PHONE_PER_DAY": ("code_max_per_phone_per_day", int),
     "AICHAT_CODE_MAX_PER_IP_PER_DAY": ("code_max_per_ip_per_day", int),
     "AICHAT_CODE_MAX_ATTEMPTS": ("code_max_attempts", int),
+    "AICHAT_REFRESH_TTL": ("refresh_ttl_s", int),
+    "AICHAT_PASSWORD_FAIL_WINDOW": ("password_fail_window_s", int),
+    "AICHAT_PASSWORD_FAIL_PER_ACCOUNT": ("password_fail_per_account", int),
+    "AICHAT_PASSWORD_FAIL_PER_IP": ("password_fail_per_ip", int),
     "AICHAT_CHAT_BODY_LIMIT": ("chat_body_limit", int),
     "AICHAT_LLM_BASE_URL": ("llm_base_url", lambda v: v.rstrip("/")),
     "AICHAT_LLM_API_KEY": ("llm_api_key", str),

@@ -30,6 +30,9 @@ CATALOG: dict[str, tuple[int, str]] = {
     "SkillNotFound": (404, "该角色没有这个技能，或技能暂不可用"),
     "ToolNotFound": (404, "工具不存在或未配置"),
     "ToolFailed": (502, "工具调用失败"),
+    "AccountExists": (409, "账号已存在"),
+    "InvalidCredentials": (401, "账号或密码错误"),
+    "SessionNotFound": (404, "会话不存在"),
 }
 
 

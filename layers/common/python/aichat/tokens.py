@@ -19,12 +19,14 @@ UID_PATTERN = re.compile(r"[0-9a-f]{24}")
 CLOCK_LEEWAY_S = 10
 
 
-def issue_token(uid: str, *, secret: str, ttl_s: int, now: float | None = None) -> str:
-    """Sign an access token for a user."""
+def issue_token(uid: str, *, secret: str, ttl_s: int, now: float | None = None, sid: str | None = None) -> str:
+    """Sign an access token for a user (of a session, `sid`, when it has one)."""
     import jwt  # PyJWT pulls in `cryptography` (~70 ms): loaded on first use or by preload(), not at start
 
     issued = int(now if now is not None else time.time())
-    claims = {"sub": uid, "iat": issued, "exp": issued + ttl_s, "jti": uuid.uuid4().hex}
+    claims: dict[str, Any] = {"sub": uid, "iat": issued, "exp": issued + ttl_s, "jti": uuid.uuid4().hex}
+    if sid:
+        claims["sid"] = sid
     return jwt.encode(claims, secret, algorithm=ALGORITHM)
 
 
@@ -63,16 +65,41 @@ def preload() -> None:
     import jwt  # noqa: F401
 
 
+# A session's "last used" is written at most this often (a read path should rarely write).
+TOUCH_EVERY_MS = 300_000
+
+
 def token_is_live(db: Database, claims: dict[str, Any]) -> bool:
-    """Whether a verified token still counts: its user exists and it was not revoked (one query)."""
+    """Whether a verified token still counts (one query): its user exists, it was not revoked, and its
+    session was not ended (a token without a session: it was issued after the user last ended them all)."""
     jti = claims.get("jti") if isinstance(claims.get("jti"), str) else ""
+    sid = claims.get("sid") if isinstance(claims.get("sid"), str) else ""
     row = db.read(
         lambda tx: tx.one(
-            "SELECT u.uid, r.jti FROM users u LEFT JOIN revoked_tokens r ON r.jti = ? WHERE u.uid = ?",
-            (jti[:64], claims["sub"]),
+            "SELECT u.uid, u.sessions_after, r.jti, s.id AS sid, s.revoked_at, s.last_used_at FROM users u"
+            " LEFT JOIN revoked_tokens r ON r.jti = ? LEFT JOIN sessions s ON s.id = ? AND s.uid = u.uid"
+            " WHERE u.uid = ?",
+            (jti[:64], sid[:24], claims["sub"]),
         )
     )
-    return row is not None and row["jti"] is None
+    if row is None or row["jti"] is not None:
+        return False
+    if sid:
+        if row["sid"] is None or row["revoked_at"] is not None:
+            return False
+        if now_ms() - int(row["last_used_at"]) > TOUCH_EVERY_MS:
+            _touch(db, sid)
+        return True
+    after = row["sessions_after"]
+    return after is None or int(claims["iat"]) * 1000 >= int(after)
+
+
+def _touch(db: Database, sid: str) -> None:
+    try:
+        with db.tx() as tx:
+            tx.execute("UPDATE sessions SET last_used_at = ? WHERE id = ?", (now_ms(), sid))
+    except ApiError:
+        pass  # a missed "last used" is not worth failing a request
 
 
 def revoke(tx: Tx, claims: dict[str, Any]) -> None:

@@ -25,7 +25,7 @@ access_log = logging.getLogger("aichat.access")
 JSON_CONTENT_TYPE = "application/json; charset=utf-8"
 PREFLIGHT_MAX_AGE_S = 86_400
 # Unauthenticated operations whose answers carry a token (beyond every bearer_jwt operation).
-NO_STORE_OPERATIONS = frozenset({"login", "send_code"})
+NO_STORE_OPERATIONS = frozenset({"login", "send_code", "login_password", "token_refresh", "register"})
 
 
 @dataclass(frozen=True)

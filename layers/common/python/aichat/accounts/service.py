@@ -14,9 +14,10 @@ from ..config import Settings
 from ..errors import ApiError
 from ..fc import Credentials
 from ..store import Database, Tx
-from ..tokens import issue_token, revoke
-from . import codes, users
+from ..tokens import revoke
+from . import codes, profile, sessions, users
 from .phone import Phone, is_test_account, mask_phone, parse_phone, string_field
+from .sessions_api import Sessions
 from .sms import SmsError, SmsRejected
 
 log = logging.getLogger("aichat.accounts")
@@ -37,6 +38,7 @@ class Accounts:
         self.sms = sms
         # Account deletion also erases what other features stored; they are handed in, not imported.
         self.erasers = tuple(erasers)
+        self.sessions = Sessions(settings, db)
 
     def _phone(self, body: dict[str, Any]) -> Phone:
         return parse_phone(body, self.settings.test_account)
@@ -90,8 +92,9 @@ class Accounts:
             codes.send_failed(tx, phone=phone, code_id=code_id)
 
     # -- login -------------------------------------------------------------------------------------
-    def login(self, body: dict[str, Any]) -> dict[str, Any]:
-        """Check a verification code and answer the contract's login body with a fresh JWT."""
+    def login(self, body: dict[str, Any], *, client_ip: str = "", user_agent: str = "") -> dict[str, Any]:
+        """Check a verification code and answer the contract's login body with a fresh JWT (of a new session,
+        with its refresh token: additive fields)."""
         phone = self._phone(body)
         code = string_field(body, "verify_code") or ""
         if not VERIFY_CODE.fullmatch(code):
@@ -103,23 +106,26 @@ class Accounts:
                 raise ApiError("VerifyFailed")
             with self.db.tx() as tx:
                 uid = users.user_for(tx, phone=phone)
+                issued = self.sessions.start(tx, uid=uid, client_ip=client_ip, user_agent=user_agent)
         else:
             uid = None
             with self.db.tx() as tx:
                 if codes.consume(tx, settings=self.settings, phone=phone, code=code):
                     uid = users.user_for(tx, phone=phone)
+                    issued = self.sessions.start(tx, uid=uid, client_ip=client_ip, user_agent=user_agent)
             if uid is None:  # raised after the block so the counted miss is committed
                 raise ApiError("VerifyFailed")
-        token = issue_token(uid, secret=self.settings.jwt_secret, ttl_s=self.settings.jwt_ttl_s)
         log.info("login", extra={"uid": uid, "test_account": is_test})
         return {
             "success": True,
             "message": "登录成功",
-            "token_type": "Bearer",
-            "access_token": token,
-            "expires_in": self.settings.jwt_ttl_s,
+            "token_type": issued["token_type"],
+            "access_token": issued["access_token"],
+            "expires_in": issued["expires_in"],
             "user": {"uid": uid, "phone_number": phone.phone_number, "country_code": phone.country_code},
             "is_test_account": is_test,
+            "refresh_token": issued["refresh_token"],
+            "refresh_expires_in": issued["refresh_expires_in"],
         }
 
     # -- account (bearer token) ----------------------------------------------------------------------
@@ -133,18 +139,38 @@ class Accounts:
             "success": True,
             "user": {
                 "uid": row["uid"],
-                "phone_number": mask_phone(row["phone_number"]),
-                "country_code": row["country_code"],
+                "phone_number": mask_phone(row["phone_number"]) if row["phone_number"] else "",
+                "country_code": row["country_code"] or "",
                 "created_at": created,
+                "username": row["username"],
+                "email": profile.mask_email(row["email"]),
+                "nickname": row["nickname"],
+                "avatar_url": row["avatar_url"],
+                "bio": row["bio"],
+                "has_password": row["password_hash"] is not None,
             },
         }
 
-    def logout(self, claims: dict[str, Any]) -> dict[str, Any]:
-        """Revoke the presented token on every instance (it stays revoked until it would have expired)."""
+    def update_profile(self, uid: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST /me/update: nickname, avatar_url (https), bio; a field absent stays, null clears it."""
+        checks = {
+            "nickname": lambda v: profile.text(v, "nickname"),
+            "bio": lambda v: profile.text(v, "bio"),
+            "avatar_url": profile.avatar_url,
+        }
+        unknown = sorted(set(body) - set(checks))
+        if unknown:
+            raise ApiError("InvalidInput", f"不能修改的字段：{unknown[0]}")
+        values = {name: check(body[name]) for name, check in checks.items() if name in body}
         with self.db.tx() as tx:
-            revoke(tx, claims)
-        log.info("logout", extra={"uid": claims["sub"]})
-        return {"success": True, "message": "已退出登录"}
+            if users.get(tx, uid=uid, lock=True) is None:
+                raise ApiError("Unauthorized")
+            users.update_profile(tx, uid=uid, values=values)
+        return self.me(uid)
+
+    def logout(self, claims: dict[str, Any]) -> dict[str, Any]:
+        """Revoke the presented token and its session on every instance."""
+        return self.sessions.logout(claims)
 
     def delete_account(self, claims: dict[str, Any]) -> dict[str, Any]:
         """Erase the user and everything stored for them, and revoke the token (one transaction)."""
@@ -153,13 +179,16 @@ class Accounts:
             user = users.get(tx, uid=uid, lock=True)
             if user is None:
                 raise ApiError("Unauthorized")
-            erased = self._erase(tx, uid=uid, phone=Phone(user["country_code"], user["phone_number"]))
+            phone = Phone(user["country_code"], user["phone_number"]) if user["phone_number"] else None
+            erased = self._erase(tx, uid=uid, phone=phone)
             revoke(tx, claims)
         log.info("account deleted", extra={"uid": uid, "messages": erased})
         return {"success": True, "message": "账号已注销", "deleted_messages": erased}
 
-    def _erase(self, tx: Tx, *, uid: str, phone: Phone) -> int:
+    def _erase(self, tx: Tx, *, uid: str, phone: Phone | None) -> int:
         erased = sum(int(eraser(tx, uid=uid) or 0) for eraser in self.erasers)
-        codes.delete_for_phone(tx, phone=phone)
-        users.delete(tx, uid=uid)
+        if phone is not None:
+            codes.delete_for_phone(tx, phone=phone)
+        sessions.delete_for_user(tx, uid=uid)
+        users.delete(tx, uid=uid)  # the password hash and the profile with it
         return erased

@@ -29,15 +29,16 @@ class AddColumn:
 
 @dataclass(frozen=True)
 class AddIndex:
-    """CREATE INDEX on an existing table, skipped when the index exists already."""
+    """CREATE [UNIQUE] INDEX on an existing table, skipped when the index exists already."""
 
     table: str
     name: str
     columns: str
+    unique: bool = False
 
     def sql(self) -> str:
         """The statement, for `make schema`."""
-        return f"CREATE INDEX {self.name} ON {self.table} ({self.columns})"
+        return f"CREATE {'UNIQUE ' if self.unique else ''}INDEX {self.name} ON {self.table} ({self.columns})"
 
     def apply(self, tx: Tx) -> None:
         """Create the index unless a previous run already did."""
