@@ -371,11 +371,14 @@ def test_the_role_skill_catalogue(tool_server):
     body = anonymous.get("/chat/role/skills", params={"role_code": "wanqing"}).json()
     assert body["success"] is True and body["role_code"] == "wanqing"
     assert [s["skill_code"] for s in body["skills"]] == ["stargazing", "gossip", "recall", "clock", "search"]
-    assert body["skills"][0] == {
+    assert {k: body["skills"][0][k] for k in ("skill_code", "name", "description", "direct")} == {
         "skill_code": "stargazing",
         "name": "观星",
         "description": "晚晴推开窗看看天色，告诉你某个城市现在和接下来几天的天气。",
+        "direct": True,
     }
+    assert body["skills"][0]["parameters"]["required"] == ["city"]
+    assert [s["direct"] for s in body["skills"]] == [True, True, True, True, False]  # web search is not run directly
     assert_error(anonymous.get("/chat/role/skills", params={"role_code": "nobody"}), 404, "RoleNotFound")
     assert_error(anonymous.get("/chat/role/skills"), 400, "InvalidInput")
 

@@ -29,7 +29,16 @@ class SkillsApi:
     def role_skills(self, args: Any) -> dict[str, Any]:
         """GET /chat/role/skills: the role's skills this deployment can use (its own names for them)."""
         role = self.roles.get(args.get("role_code"))
-        skills = [skill.public() for skill in role.skills if self.tools.available(skill.tool)]
+        skills = []
+        for skill in role.skills:
+            if not self.tools.available(skill.tool):
+                continue
+            tool = self.tools.get(skill.tool)
+            # `direct`: POST /chat/skill runs it (web search only works inside a chat); `parameters`: the
+            # arguments it takes (JSON Schema), so a client knows to ask for a city.
+            entry = {**skill.public(), "direct": tool is not None}
+            entry["parameters"] = tool.parameters if tool else {"type": "object", "properties": {}}
+            skills.append(entry)
         return {"success": True, "role_code": role.role_code, "skills": skills}
 
     def list(self) -> dict[str, Any]:
