@@ -37,16 +37,19 @@ bench-quick: $(STAMP)
 
 # --- deployment (docs/deploy.md) ---
 S_VERSION := 3.1.10
+FES_VERSION := 2.0.1
 S         := .tools/node_modules/.bin/s
-S_STAMP   := .tools/.s-$(S_VERSION)
+S_STAMP   := .tools/.s-$(S_VERSION)-fes-$(FES_VERSION)
 
 .PHONY: tools layer deploy
 
-# The Serverless Devs CLI, pinned, in git-ignored .tools/ (tests/test_deploy.py renders s.yaml with it).
+# The Serverless Devs CLI, pinned, in git-ignored .tools/ (tests/test_deploy.py renders s.yaml with it), and
+# @microsoft/fetch-event-source, the SSE client library whose retries tests/test_idempotency.py replays.
 tools: $(S_STAMP)
 
 $(S_STAMP):
-	npm install --prefix .tools --no-audit --no-fund --save-exact @serverless-devs/s@$(S_VERSION)
+	npm install --prefix .tools --no-audit --no-fund --save-exact @serverless-devs/s@$(S_VERSION) \
+		@microsoft/fetch-event-source@$(FES_VERSION)
 	touch $@
 
 # The two FC layer zips in build/layers/ (code: the aichat package; deps: requirements.txt for Python 3.10).

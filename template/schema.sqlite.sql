@@ -56,3 +56,6 @@ CREATE INDEX IF NOT EXISTS ix_refresh_tokens_session ON refresh_tokens (session_
 CREATE TABLE IF NOT EXISTS login_failures ( id INTEGER PRIMARY KEY AUTOINCREMENT, account_key TEXT NOT NULL, client_ip TEXT NOT NULL, created_at INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS ix_login_failures_account ON login_failures (account_key, created_at);
 CREATE INDEX IF NOT EXISTS ix_login_failures_ip ON login_failures (client_ip, created_at);
+
+-- migration 9: idempotency keys
+CREATE TABLE IF NOT EXISTS idempotency_keys ( uid TEXT NOT NULL, idem_key TEXT NOT NULL, request_hash TEXT NOT NULL, operation TEXT NOT NULL, status TEXT NOT NULL, conversation_id TEXT, user_message_id INTEGER, reply_message_id INTEGER, error_code TEXT, error_message TEXT, response TEXT, created_at INTEGER NOT NULL, expires_at INTEGER NOT NULL, PRIMARY KEY (uid, idem_key));

@@ -53,7 +53,7 @@ def legacy_database(url: str, monkeypatch: pytest.MonkeyPatch) -> Database:
 def test_histories_become_default_conversations(empty_db_url, monkeypatch):
     db = legacy_database(empty_db_url, monkeypatch)
     before = query(empty_db_url, "SELECT id, uid, role_code, content FROM messages ORDER BY id")
-    assert migrate(db) == [5, 6, 7, 8]
+    assert migrate(db) == [5, 6, 7, 8, 9]
     after = query(empty_db_url, "SELECT id, uid, role_code, content, conversation_id FROM messages ORDER BY id")
     assert [row[:4] for row in after] == before  # ids, order and content unchanged
     conversations = {
@@ -73,7 +73,7 @@ def test_histories_become_default_conversations(empty_db_url, monkeypatch):
 
 def test_an_interrupted_migration_completes_on_the_next_run(empty_db_url, monkeypatch):
     db = legacy_database(empty_db_url, monkeypatch)
-    assert migrate(db) == [5, 6, 7, 8]
+    assert migrate(db) == [5, 6, 7, 8, 9]
     # As if the migrator died after its DDL (MySQL commits each statement) but before its bookkeeping row.
     with db.tx() as tx:
         tx.execute("DELETE FROM schema_migrations WHERE version = 5")
@@ -87,7 +87,7 @@ def test_an_interrupted_migration_completes_on_the_next_run(empty_db_url, monkey
 
 def test_messages_an_older_release_wrote_are_adopted_on_the_next_start(empty_db_url, monkeypatch):
     db = legacy_database(empty_db_url, monkeypatch)
-    assert migrate(db) == [5, 6, 7, 8]
+    assert migrate(db) == [5, 6, 7, 8, 9]
     # A rollback to a release without conversations: it writes messages with no conversation_id.
     with db.tx() as tx:
         tx.insert(

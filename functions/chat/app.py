@@ -51,11 +51,11 @@ def build_app(
 
     def chat_stream(req: ApiRequest):
         """Stream the role's reply to the user's message as SSE."""
-        return sse_response(chat.stream(req.user_uid(), req.json(), client=req.client_socket))
+        return sse_response(chat.stream(req.user_uid(), req.json(), client=req.client_socket, key=idem_key()))
 
     def chat_send(req: ApiRequest) -> dict:
         """The role's whole reply to the user's message as JSON (extension)."""
-        return chat.send(req.user_uid(), req.json())
+        return chat.send(req.user_uid(), req.json(), key=idem_key())
 
     def chat_history(req: ApiRequest) -> dict:
         """The user's messages in a conversation, oldest first (optionally a page: limit, before_id)."""
@@ -71,11 +71,11 @@ def build_app(
 
     def chat_regenerate(req: ApiRequest):
         """Stream a new reply to the last user message, replacing the old one (extension)."""
-        return sse_response(chat.regenerate(req.user_uid(), req.json(), client=req.client_socket))
+        return sse_response(chat.regenerate(req.user_uid(), req.json(), client=req.client_socket, key=idem_key()))
 
     def chat_edit(req: ApiRequest):
         """Edit the last user message and stream a new reply (extension)."""
-        return sse_response(chat.edit(req.user_uid(), req.json(), client=req.client_socket))
+        return sse_response(chat.edit(req.user_uid(), req.json(), client=req.client_socket, key=idem_key()))
 
     def chat_conversation_create(req: ApiRequest) -> dict:
         """Start a new conversation with a role (extension)."""
@@ -104,8 +104,8 @@ def build_app(
     def chat_skill(req: ApiRequest):
         """Use one of the role's skills now; the role answers about the result, streamed (?stream=0: JSON)."""
         if req.args.get("stream") == "0":
-            return chat.skill_send(req.user_uid(), req.json())
-        return sse_response(chat.skill(req.user_uid(), req.json(), client=req.client_socket))
+            return chat.skill_send(req.user_uid(), req.json(), key=idem_key())
+        return sse_response(chat.skill(req.user_uid(), req.json(), client=req.client_socket, key=idem_key()))
 
     def chat_tools(req: ApiRequest) -> dict:
         """Every tool this deployment runs (extension)."""
@@ -168,6 +168,13 @@ def build_app(
         on_initialize=initialize,
         on_pre_stop=db.close_idle,
     )
+
+
+def idem_key() -> str | None:
+    """The request's Idempotency-Key header (validated with the body's client_message_id by the service)."""
+    from flask import request
+
+    return request.headers.get("Idempotency-Key")
 
 
 app = build_app()

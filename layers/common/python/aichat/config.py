@@ -126,6 +126,8 @@ class Settings:
     sse_heartbeat_s: float = 15.0
     # The most a request (not a stream) waits on the database in all, over all its statements.
     db_request_budget_s: float = 10.0
+    # How long an idempotency key of a send is remembered (a repeat within it is the first request's answer).
+    idempotency_ttl_s: int = 86_400
 
     # Tools (role skills). A tool whose provider is not configured is not offered.
     tools_enabled: bool = True
@@ -260,6 +262,7 @@ class Settings:
             "reply_save_window_s",
             "sse_heartbeat_s",
             "db_request_budget_s",
+            "idempotency_ttl_s",
             "tool_timeout_s",
             "tool_max_rounds",
             "tool_output_max_chars",
@@ -380,6 +383,7 @@ ENV_VARS: dict[str, tuple[str, object]] = {
     "AICHAT_SPOOL_DIR": ("spool_dir", str),
     "AICHAT_SSE_HEARTBEAT": ("sse_heartbeat_s", float),
     "AICHAT_DB_REQUEST_BUDGET": ("db_request_budget_s", float),
+    "AICHAT_IDEMPOTENCY_TTL": ("idempotency_ttl_s", int),
     "AICHAT_TOOLS": ("tools_enabled", _flag),
     "AICHAT_TOOL_TIMEOUT": ("tool_timeout_s", float),
     "AICHAT_TOOL_MAX_ROUNDS": ("tool_max_rounds", int),

@@ -33,6 +33,8 @@ CATALOG: dict[str, tuple[int, str]] = {
     "AccountExists": (409, "账号已存在"),
     "InvalidCredentials": (401, "账号或密码错误"),
     "SessionNotFound": (404, "会话不存在"),
+    "RequestInProgress": (409, "同一请求正在处理中，请稍后再试"),
+    "IdempotencyKeyReused": (422, "该幂等键已用于另一个请求"),
 }
 
 

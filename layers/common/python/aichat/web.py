@@ -241,7 +241,7 @@ def _add_cors_details(response: Response) -> None:
     response.headers["Access-Control-Expose-Headers"] = "Retry-After, X-Request-Id"
     if request.method == "OPTIONS":
         response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
-        response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
+        response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type, Idempotency-Key"
         response.headers["Access-Control-Max-Age"] = str(PREFLIGHT_MAX_AGE_S)
 
 

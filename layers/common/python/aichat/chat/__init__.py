@@ -8,8 +8,9 @@ from ..store import Tx
 def delete_for_user(tx: Tx, *, uid: str) -> int:
     """Account deletion: everything chat stored for the user (its messages, conversations, limits); returns
     how many messages went."""
-    from . import conversations, limits, messages
+    from . import conversations, idempotency, limits, messages
 
+    idempotency.delete_for_user(tx, uid=uid)
     erased = messages.delete_for_user(tx, uid=uid)
     conversations.delete_for_user(tx, uid=uid)
     limits.delete_for_user(tx, uid=uid)

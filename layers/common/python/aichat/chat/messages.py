@@ -150,6 +150,15 @@ def latest(tx: Tx, *, conversation_id: str, limit: int) -> list[Row]:
     )
 
 
+def first_reply_after(tx: Tx, *, conversation_id: str, message_id: int) -> Row | None:
+    """The reply that answered a user message (the conversation's next assistant message), if stored."""
+    return tx.one(
+        f"SELECT {HISTORY_COLUMNS}, role_code, reasoning_content, prompt_tokens, completion_tokens, tool_calls"
+        " FROM messages WHERE conversation_id = ? AND id > ? AND sender_role = 'assistant' ORDER BY id LIMIT 1",
+        (conversation_id, message_id),
+    )
+
+
 def last_user_message(tx: Tx, *, conversation_id: str) -> Row | None:
     """The conversation's newest user message, locked for a rewrite (regenerate, edit)."""
     return tx.one(

@@ -16,10 +16,11 @@ from ..llm import LlmClient
 from ..store import Database, Tx
 from ..tools.base import WEB_SEARCH, InvalidArguments, ToolContext, parse_arguments
 from ..tools.registry import ToolRegistry
-from . import conversations, input, messages
+from . import conversations, idempotency, input, messages, replay
 from .context import IMAGE_ONLY_PLACEHOLDER, build_messages, stored_text, user_turn
 from .conversations import Conversation
 from .history import format_time
+from .idempotency import Replay
 from .limits import ChatLimiter, DbChatLimiter
 from .relay import StreamRelay
 from .roles import Role, RoleCatalog
@@ -65,28 +66,37 @@ class ChatService:
         )
 
     # -- operations ----------------------------------------------------------------------------------
-    def stream(self, uid: str, body: dict[str, Any], *, client: socket.socket | None = None) -> StreamRelay:
+    def stream(
+        self, uid: str, body: dict[str, Any], *, client: socket.socket | None = None, key: str | None = None
+    ) -> StreamRelay:
         """POST /chat/stream: a new user message and the role's reply as SSE.
 
         Errors before the first frame are raised as ApiError (JSON answers); after it, the turn reports
-        them in-band (the fallback frame).
+        them in-band (the fallback frame). With an idempotency key (`key`: the header), a repeat answers
+        what the first request stored.
         """
-        return self._relay(self._new_message(uid, body), client)
+        return self._relay(self._new_message(uid, body, Keyed("stream", body, key)), client, uid)
 
-    def send(self, uid: str, body: dict[str, Any]) -> dict[str, Any]:
+    def send(self, uid: str, body: dict[str, Any], *, key: str | None = None) -> dict[str, Any]:
         """POST /chat/send: the same turn as /chat/stream, answered as one JSON body when it is complete."""
-        return self.complete(uid, self._new_message(uid, body))
+        keyed = Keyed("send", body, key)
+        return self.complete(uid, self._new_message(uid, body, keyed), keyed)
 
-    def skill(self, uid: str, body: dict[str, Any], *, client: socket.socket | None = None) -> StreamRelay:
+    def skill(
+        self, uid: str, body: dict[str, Any], *, client: socket.socket | None = None, key: str | None = None
+    ) -> StreamRelay:
         """POST /chat/skill: run one of the role's skills now; the role then answers about its result."""
-        return self._relay(self._skill_turn(uid, body), client)
+        return self._relay(self._skill_turn(uid, body, Keyed("skill", body, key)), client, uid)
 
-    def skill_send(self, uid: str, body: dict[str, Any]) -> dict[str, Any]:
+    def skill_send(self, uid: str, body: dict[str, Any], *, key: str | None = None) -> dict[str, Any]:
         """POST /chat/skill?stream=0: the same, answered as /chat/send answers."""
-        return self.complete(uid, self._skill_turn(uid, body))
+        keyed = Keyed("skill_send", body, key)
+        return self.complete(uid, self._skill_turn(uid, body, keyed), keyed)
 
-    def complete(self, uid: str, turn: Turn) -> dict[str, Any]:
+    def complete(self, uid: str, turn: Turn | Replay, keyed: Keyed | None = None) -> dict[str, Any]:
         """Run a turn to its end and answer it as JSON (the /chat/send shape)."""
+        if isinstance(turn, Replay):
+            return self._replayed_json(uid, turn)
         try:
             for _ in turn.frames():
                 pass
@@ -94,15 +104,22 @@ class ChatService:
             turn.close()
         if turn.error_code is not None:
             raise ApiError(turn.error_code)
-        return {
+        answer = {
             "success": True,
             "message": self._stored_reply(uid, turn),
             "user_message_id": turn.meta["message_id"],
             "conversation_id": turn.meta["conversation_id"],
         }
+        if keyed is not None and keyed.key:
+            with self.db.tx() as tx:
+                idempotency.finish(tx, uid=uid, key=keyed.key, reply_message_id=turn.message_id, response=answer)
+        return answer
 
-    def regenerate(self, uid: str, body: dict[str, Any], *, client: socket.socket | None = None) -> StreamRelay:
+    def regenerate(
+        self, uid: str, body: dict[str, Any], *, client: socket.socket | None = None, key: str | None = None
+    ) -> StreamRelay:
         """POST /chat/regenerate: answer the last user message again, replacing the replies after it."""
+        keyed = Keyed("regenerate", body, key)
         target = input.target(body)
         check_role(self.roles, target)
         overrides = input.turn_overrides(body, self.settings)
@@ -112,12 +129,15 @@ class ChatService:
             # The image itself is never stored, so a regenerated turn carries its text (or a placeholder).
             return input.TurnInput(text=stored_text(last), image=None, overrides=overrides), last["id"]
 
-        turn = self._start(uid, target, write)
+        turn = self._start(uid, target, write, keyed=keyed)
         self.on_removed(uid)
-        return self._relay(turn, client)
+        return self._relay(turn, client, uid)
 
-    def edit(self, uid: str, body: dict[str, Any], *, client: socket.socket | None = None) -> StreamRelay:
+    def edit(
+        self, uid: str, body: dict[str, Any], *, client: socket.socket | None = None, key: str | None = None
+    ) -> StreamRelay:
         """POST /chat/edit: replace the last user message's text (and image), then answer it anew."""
+        keyed = Keyed("edit", body, key)
         target = input.target(body)
         check_role(self.roles, target)
         pending = input.turn(body, self.settings)
@@ -132,11 +152,11 @@ class ChatService:
             messages.rewrite_user_message(tx, message_id=last["id"], text=new.text, has_image=new.image is not None)
             return new, last["id"]
 
-        turn = self._start(uid, target, write)
+        turn = self._start(uid, target, write, keyed=keyed)
         self.on_removed(uid)
-        return self._relay(turn, client)
+        return self._relay(turn, client, uid)
 
-    def _skill_turn(self, uid: str, body: dict[str, Any]) -> Turn:
+    def _skill_turn(self, uid: str, body: dict[str, Any], keyed: Keyed) -> Turn | Replay:
         role_code = body.get("role_code")
         if role_code is None or role_code == "":
             raise ApiError("InvalidInput", "缺少必填参数 role_code")
@@ -179,10 +199,10 @@ class ChatService:
             conversations.touch(tx, conversation_id=conversation.id, first_text=None if conversation.title else text)
             return input.TurnInput(text=text, image=None, overrides=overrides), message_id
 
-        return self._start(uid, target, write, first_calls=[call])
+        return self._start(uid, target, write, first_calls=[call], keyed=keyed)
 
     # -- the common path -----------------------------------------------------------------------------
-    def _new_message(self, uid: str, body: dict[str, Any]) -> Turn:
+    def _new_message(self, uid: str, body: dict[str, Any], keyed: Keyed) -> Turn | Replay:
         target = input.target(body)
         check_role(self.roles, target)
         pending = input.turn(body, self.settings)
@@ -202,22 +222,56 @@ class ChatService:
             conversations.touch(tx, conversation_id=conversation.id, first_text=first)
             return turn, message_id
 
-        return self._start(uid, target, write)
+        return self._start(uid, target, write, keyed=keyed)
 
     def _start(
-        self, uid: str, target: input.Target, write: Write, *, first_calls: list[dict[str, Any]] | None = None
-    ) -> Turn:
-        """Limits, the conversation's write and its context (one transaction), then the upstream."""
+        self,
+        uid: str,
+        target: input.Target,
+        write: Write,
+        *,
+        first_calls: list[dict[str, Any]] | None = None,
+        keyed: Keyed | None = None,
+    ) -> Turn | Replay:
+        """Limits, the conversation's write and its context (one transaction), then the upstream. A repeat of
+        an idempotency key answers a Replay of what the first request stored instead."""
         if not self.llm.api_key:
             raise ApiError("MissingApiKey")
+        key = keyed.key if keyed else None
+        s = self.settings
         with self.db.tx() as tx:
             # The limiter locks the user's row first: one user's turns are serialised from here, so two
             # first messages to a role cannot race to create its default conversation (an InnoDB deadlock).
+            if key:
+                assert keyed is not None
+                running_ms = int((s.reply_max_seconds + s.reply_save_window_s + 60) * 1000)
+                seen = idempotency.lookup(
+                    tx,
+                    uid=uid,
+                    key=key,
+                    digest=keyed.digest,
+                    ttl_ms=s.idempotency_ttl_s * 1000,
+                    running_for_ms=running_ms,
+                )
+                if seen is not None:
+                    return seen  # before the limiter: a repeat is not another message
             slot_id = self.limiter.acquire(tx, uid=uid)
             conversation = resolve(tx, uid=uid, target=target, create=True)
             assert conversation is not None
             role = self.roles.get(conversation.role_code)
             turn, message_id = write(tx, conversation)
+            if key:
+                assert keyed is not None
+                idempotency.claim(
+                    tx,
+                    uid=uid,
+                    key=key,
+                    digest=keyed.digest,
+                    operation=keyed.operation,
+                    conversation_id=conversation.id,
+                    user_message_id=message_id,
+                    ttl_ms=s.idempotency_ttl_s * 1000,
+                )
             history = messages.context(
                 tx, conversation_id=conversation.id, before_id=message_id, limit=self.settings.history_max_messages
             )
@@ -239,25 +293,70 @@ class ChatService:
         try:
             if not first_calls:
                 upstream = self.llm.open_stream(payload)
-        except BaseException:
+        except BaseException as exc:
             release()
+            if key and isinstance(exc, ApiError):
+                with self.db.tx() as tx:  # a repeat gets the same refusal, not a second message
+                    idempotency.finish(tx, uid=uid, key=key, reply_message_id=None, error=exc, failed=True)
             raise
         log.info(
             "stream opened",
             extra={"uid": uid, "conversation_id": conversation.id, "message_id": message_id, "model": payload["model"]},
         )
         meta = {"conversation_id": conversation.id, "message_id": message_id, "role_code": conversation.role_code}
-        return Turn(
+        closers: list[Callable[[], None]] = [release]
+        started = Turn(
             upstream=upstream,
             model=payload["model"],
             meta=meta,
             save=partial(self._save, conversation.id, message_id),
             spool=partial(self._spool, conversation.id, message_id),
-            on_close=[release],
+            on_close=closers,
             policy=self.policy,
             tools=rounds,
             first_calls=first_calls,
         )
+        if key:
+            closers.append(partial(self._settle, uid, key, started))
+        return started
+
+    def _settle(self, uid: str, key: str, turn: Turn) -> None:
+        """The keyed turn ended: a repeat answers its stored reply (and its in-band error, if it had one)."""
+        error = ApiError(turn.error_code) if turn.error_code else None
+        try:
+            with self.db.tx() as tx:
+                idempotency.finish(tx, uid=uid, key=key, reply_message_id=turn.message_id, error=error)
+        except ApiError:
+            log.warning("could not record an idempotent send's outcome; a repeat answers what was stored")
+
+    def _replayed_json(self, uid: str, seen: Replay) -> dict[str, Any]:
+        """A repeat of /chat/send: the first answer again (or, if it was never recorded, rebuilt)."""
+        if seen.status == "failed" or seen.error_code:
+            raise replay.refused(seen)
+        if seen.response is not None:
+            return seen.response
+        row = self._reply_row(uid, seen)
+        if row is None:
+            raise ApiError("InternalError", "该请求的回复未能保存")
+        message = {name: row[name] for name in ("id", "sender_role", "content", "has_image")}
+        message.update(is_partial=bool(row["is_partial"]), created_at=format_time(row["created_at"], self.settings))
+        message["has_image"] = bool(message["has_image"])
+        return {
+            "success": True,
+            "message": message,
+            "user_message_id": seen.user_message_id,
+            "conversation_id": seen.conversation_id,
+        }
+
+    def _reply_row(self, uid: str, seen: Replay) -> dict[str, Any] | None:
+        def read(tx: Tx) -> dict[str, Any] | None:
+            if seen.reply_message_id is not None:
+                return messages.get(tx, uid=uid, message_id=seen.reply_message_id)
+            if seen.conversation_id is None or seen.user_message_id is None:
+                return None
+            return messages.first_reply_after(tx, conversation_id=seen.conversation_id, message_id=seen.user_message_id)
+
+        return self.db.read(read)
 
     def _allowed_tools(self, role: Role, turn: input.TurnInput) -> set[str]:
         """The tools the role's skills offer on this turn (none on an image turn: the vision model is
@@ -308,7 +407,21 @@ class ChatService:
             payload["stream_options"] = {"include_usage": True}
         return payload
 
-    def _relay(self, turn: Turn, client: socket.socket | None) -> StreamRelay:
+    def _relay(self, turn: Turn | Replay, client: socket.socket | None, uid: str = "") -> StreamRelay:
+        if isinstance(turn, Replay):
+            if turn.status == "failed":
+                raise replay.refused(turn)
+            row = self._reply_row(uid, turn)
+            role_code = row.get("role_code") if row else None
+            frames = replay.frames(turn, row, model=self.settings.llm_model, role_code=role_code)
+            return StreamRelay(
+                frames,
+                client=client,
+                on_client_gone=lambda: None,
+                on_client_eof=lambda: None,
+                on_close=lambda: None,
+                outcome=lambda: "replayed",
+            )
         return StreamRelay(
             turn.frames(),
             client=client,
@@ -389,6 +502,15 @@ class ChatService:
             body["tools"] = public_trace(reply.tools)
         body["usage"] = reply.usage
         return body
+
+
+class Keyed:
+    """A request's idempotency key (the header or `client_message_id`) and what it is the key of."""
+
+    def __init__(self, operation: str, body: dict[str, Any], header: str | None) -> None:
+        self.operation = operation
+        self.key = idempotency.key_of(body, header)
+        self.digest = idempotency.request_hash(operation, body) if self.key else ""
 
 
 def with_image(turn: input.TurnInput, settings: Settings) -> input.TurnInput:

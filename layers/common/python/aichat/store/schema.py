@@ -463,4 +463,43 @@ MIGRATIONS: list[tuple[int, str, list[Step], list[Step]]] = [
             + _MYSQL_TABLE,
         ],
     ),
+    (
+        9,
+        "idempotency keys",
+        [
+            """CREATE TABLE IF NOT EXISTS idempotency_keys (
+                uid TEXT NOT NULL,
+                idem_key TEXT NOT NULL,
+                request_hash TEXT NOT NULL,
+                operation TEXT NOT NULL,
+                status TEXT NOT NULL,
+                conversation_id TEXT,
+                user_message_id INTEGER,
+                reply_message_id INTEGER,
+                error_code TEXT,
+                error_message TEXT,
+                response TEXT,
+                created_at INTEGER NOT NULL,
+                expires_at INTEGER NOT NULL,
+                PRIMARY KEY (uid, idem_key))""",
+        ],
+        [
+            """CREATE TABLE IF NOT EXISTS idempotency_keys (
+                uid CHAR(24) NOT NULL,
+                idem_key VARCHAR(64) NOT NULL,
+                request_hash CHAR(64) NOT NULL,
+                operation VARCHAR(32) NOT NULL,
+                status VARCHAR(16) NOT NULL,
+                conversation_id CHAR(24) NULL,
+                user_message_id BIGINT NULL,
+                reply_message_id BIGINT NULL,
+                error_code VARCHAR(64) NULL,
+                error_message VARCHAR(255) NULL,
+                response MEDIUMTEXT NULL,
+                created_at BIGINT NOT NULL,
+                expires_at BIGINT NOT NULL,
+                PRIMARY KEY (uid, idem_key))"""
+            + _MYSQL_TABLE,
+        ],
+    ),
 ]
