@@ -39,7 +39,8 @@ def fake_tts(fake_tts_server: FakeTts) -> FakeTts:
 
 
 @pytest.fixture(scope="session")
-def audio_dir(tmp_path_factory) -> Path:
+def audio_dir(tmp_path_factory, db_url) -> Path:
+    """The voice server's local store, one per backend (message ids of the two databases overlap)."""
     return tmp_path_factory.mktemp("audio")
 
 
