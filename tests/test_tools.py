@@ -10,8 +10,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from aichat.chat.turn import Reply, client_frame
+from aichat.chat.context import build_messages
+from aichat.chat.tooluse import parse_trace, public_trace, replay, round_messages
+from aichat.chat.turn import MAX_ARGUMENT_CHARS, MAX_CALLS_PER_ROUND, Reply, Turn, TurnPolicy, client_frame
 from aichat.config import ConfigError, Settings
+from aichat.llm import END
+from aichat.tools.base import model_content
+from aichat.tools.registry import Running
 
 from dev.fake_tools import FakeTools
 from tests.conftest import ROLES_FILE, TEST_SECRET, chat_env
@@ -584,3 +589,230 @@ def test_what_the_model_reads_of_a_result_is_capped(chat_app, fake_llm, fake_too
     post_stream(client.app_client, "/chat/stream", {"role_code": "wanqing", "message": "新闻"}, client.token)
     content = fake_llm.requests[1]["body"]["messages"][-1]["content"]
     assert len(content) == 120 and content.endswith("…[truncated]") and content.startswith('{"ok":true')
+
+
+# -- the gaps a mutation review found (each test kills one surviving mutant) ---------------------------
+
+
+def _calls_frame(*parts):
+    return {"choices": [{"index": 0, "delta": {"content": None, "tool_calls": list(parts)}, "finish_reason": None}]}
+
+
+def test_calls_are_capped_and_ordered_by_index():
+    reply = Reply()
+    reply.add(_calls_frame({"index": 1, "id": "b", "function": {"name": "n1", "arguments": "{}"}}))
+    reply.add(_calls_frame({"index": 0, "function": {"name": "n0", "arguments": "{}"}}))  # no id
+    reply.add(_calls_frame({"index": 0, "id": "", "function": {"name": "other", "arguments": ""}}))
+    for i in range(2, 20):
+        reply.add(_calls_frame({"index": i, "id": f"c{i}", "function": {"name": "n", "arguments": "{}"}}))
+    for _ in range(10):
+        reply.add(_calls_frame({"index": 1, "id": "", "function": {"arguments": "x" * 4000}}))
+    calls = reply.round_calls()
+    assert len(calls) == MAX_CALLS_PER_ROUND
+    assert [c["name"] for c in calls[:2]] == ["n0", "n1"]
+    assert calls[0]["id"].startswith("call_") and len(calls[0]["id"]) > 5
+    assert len(calls[1]["arguments"]) < MAX_ARGUMENT_CHARS + 4000
+
+
+def test_one_round_usage_is_the_upstream_object():
+    reply = Reply()
+    usage = {
+        "prompt_tokens": 1,
+        "completion_tokens": 2,
+        "total_tokens": 3,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
+    reply.add({"choices": [], "usage": usage})
+    assert reply.usage == usage
+
+
+class _Up:
+    def __init__(self, frames):
+        self.items = [json.dumps(f).encode() for f in frames]
+        self.done = False
+        self.closed = False
+
+    def next_event(self, timeout=None):
+        if self.items:
+            return self.items.pop(0)
+        self.done = True
+        return END
+
+    def close(self):
+        self.closed = True
+
+    def abort(self):
+        pass
+
+
+class _Rounds:
+    max_rounds = 4
+    timeout_s = 1.0
+
+    def __init__(self, nxt):
+        self.nxt = nxt
+        self.opened_with_previous_closed = None
+
+    def start(self, call):
+        r = Running(call["id"], call["name"], call["arguments"], "…")
+        r.finish(True, "ok", {"data": {}}, 1000)
+        return r
+
+    def settle(self, running, timed_out=False):
+        return running.outcome
+
+    def open_next(self, calls, outcomes, final):
+        return self.nxt
+
+
+def test_the_finished_round_is_closed():
+    first = _Up(
+        [
+            {
+                "choices": [
+                    {"delta": {"tool_calls": [{"index": 0, "id": "a", "function": {"name": "t", "arguments": "{}"}}]}}
+                ]
+            },
+            {"choices": [{"delta": {"content": ""}, "finish_reason": "tool_calls"}]},
+        ]
+    )
+    second = _Up([{"choices": [{"delta": {"content": "hi"}, "finish_reason": "stop"}]}])
+    t = Turn(
+        upstream=first,
+        model="m",
+        meta={},
+        save=lambda r, p, m: 1,
+        spool=lambda *a: None,
+        on_close=[],
+        policy=TurnPolicy(),
+        tools=_Rounds(second),
+    )
+    list(t.frames())
+    assert first.closed and t.upstream is second
+
+
+def test_round_messages_and_replay():  # U3 U4 U5
+    msgs = round_messages([{"id": "a", "name": "n", "arguments": ""}], [{"result": "r"}])
+    assert msgs[0]["tool_calls"][0]["function"]["arguments"] == "{}"
+    trace = [
+        {"tool_call_id": "a", "name": "x", "round": 1, "result": "1"},
+        {"tool_call_id": "b", "name": "y", "round": 2, "result": "2"},
+    ]
+    assert [m["role"] for m in replay(trace)] == ["assistant", "tool", "assistant", "tool"]
+    assert parse_trace(json.dumps([{"name": "x"}, {"tool_call_id": "a"}, *trace])) == trace
+
+
+def test_public_trace_keeps_a_failure():  # U6
+    assert public_trace([{"tool_call_id": "a", "name": "x", "ok": False}])[0]["ok"] is False
+
+
+def _rows(result_chars=10):
+    trace = [{"tool_call_id": "a", "name": "get_weather", "arguments": "{}", "round": 1, "result": "r" * result_chars}]
+    return [
+        {"sender_role": "user", "content": "q", "has_image": False, "tool_calls": None},
+        {"sender_role": "assistant", "content": "ans", "has_image": False, "tool_calls": json.dumps(trace)},
+    ]
+
+
+def test_context_replays_traces_only_with_tools_and_charges_them():  # C1 C2
+    kw = dict(system_prompt="s", opening_message="", turn={"role": "user", "content": "t"}, reserve_tokens=0)
+    plain = build_messages(history=_rows(), context_tokens=1000, with_tools=False, **kw)
+    assert "tool" not in [m["role"] for m in plain]
+    big = build_messages(history=_rows(4000), context_tokens=500, with_tools=True, **kw)
+    assert [m["role"] for m in big] == ["system", "user"]  # the unit does not fit: the reply goes with its trace
+
+
+def test_model_content_is_capped():  # B6
+    text = model_content(True, {"data": "x" * 500}, 100)
+    assert len(text) <= 100 and text.endswith("…[truncated]")
+
+
+# -- over HTTP ----------------------------------------------------------------------------------------
+
+
+def test_payload_flags(tuser, fake_llm):  # S3 U2
+    fake_llm.enqueue(tool_calls=[{"name": "get_current_time", "arguments": {}}])
+    fake_llm.enqueue(text="好。")
+    turn(tuser, {"role_code": "wanqing", "message": "几点"})
+    assert fake_llm.requests[0]["body"]["parallel_tool_calls"] is True
+
+
+def test_final_round_drops_parallel(chat_app, fake_llm, fake_tools, new_user):  # U2
+    client = AppClient(tool_app(chat_app, fake_tools, tool_max_rounds=1), token=new_user()[1])
+    fake_llm.enqueue(tool_calls=[{"name": "get_current_time", "arguments": {}}])
+    fake_llm.enqueue(text="好的。")
+    post_stream(client.app_client, "/chat/stream", {"role_code": "wanqing", "message": "几点了"}, client.token)
+    assert "parallel_tool_calls" not in fake_llm.requests[1]["body"]
+
+
+def test_image_turn_no_search(tuser, fake_llm):  # S4
+    import base64
+
+    from tests.helpers import png_header, read_stream
+
+    image = base64.b64encode(png_header(4, 4) + b"\0" * 64).decode()
+    read_stream(
+        tuser.post("/chat/stream", {"role_code": "wanqing", "message": "看图", "image_base64": image}, stream=True)
+    )
+    assert "enable_search" not in fake_llm.requests[0]["body"]
+
+
+def test_skill_arguments_as_json_text_are_refused(tuser):  # S5
+    body = {"role_code": "wanqing", "skill_code": "stargazing", "arguments": '{"city": "北京"}'}
+    assert_error(tuser.post("/chat/skill", body), 400, "InvalidInput")
+
+
+def test_schema_bounds(tuser, fake_tools):  # B3 B4 B5
+    ex = "/chat/tool/execute"
+    assert_error(tuser.post(ex, {"name": "get_hot_news", "arguments": {"limit": 21}}), 400, "InvalidInput")
+    assert_error(tuser.post(ex, {"name": "get_hot_news", "arguments": {"limit": 3, "foo": 1}}), 400, "InvalidInput")
+    res = tuser.post(ex, {"name": "get_weather", "arguments": {"city": "x" * 40}})
+    assert res.status_code == 502 and "找不到城市" in res.json()["message"]  # 40 chars is allowed through
+
+
+def test_a_tool_outside_the_roles_skills_is_not_run(tuser, fake_llm, fake_tools):  # R1
+    fake_llm.enqueue(tool_calls=[{"name": "get_weather", "arguments": {"city": "杭州"}}])
+    fake_llm.enqueue(text="嗯。")
+    frames = turn(tuser, {"role_code": "naitang", "message": WEATHER_Q})
+    assert x_events(frames, "tool.end")[0]["display"] == "未知的工具" and fake_tools.count("/v3/") == 0
+
+
+def test_failure_in_history(tuser, fake_llm):  # U6 (HTTP)
+    fake_llm.enqueue(tool_calls=[{"name": "launch_rockets", "arguments": {}}])
+    turn(tuser, {"role_code": "wanqing", "message": "hi"})
+    res = tuser.get("/chat/history", params={"role_code": "wanqing", "include_tools": "1"})
+    assert res.json()["messages"][-1]["tools"][0]["ok"] is False
+
+
+def test_qweather_body_code(chat_app, fake_tools, new_user):  # W3
+    client = AppClient(tool_app(chat_app, fake_tools, weather_provider="qweather"), token=new_user()[1])
+    fake_tools.fail("/v7/weather/now", body={"code": "402"})
+    res = client.post("/chat/tool/execute", {"name": "get_weather", "arguments": {"city": "广州"}})
+    assert "402" in assert_error(res, 502, "ToolFailed")["message"]
+
+
+def test_fresh_news_cache_no_refresh(chat_app, fake_tools, new_user):  # N2
+    client = AppClient(tool_app(chat_app, fake_tools), token=new_user()[1])
+    client.post("/chat/tool/execute", {"name": "get_hot_news"})
+    client.post("/chat/tool/execute", {"name": "get_hot_news"})
+    time.sleep(0.5)
+    assert fake_tools.count("/api/board") == 1
+
+
+def test_outcomes_follow_the_calls_order(tuser, fake_llm, fake_tools):
+    fake_tools.fail("/v3/weather", delay=0.4)
+    calls = [{"name": "get_weather", "arguments": {"city": "杭州"}}, {"name": "get_current_time", "arguments": {}}]
+    fake_llm.enqueue(tool_calls=calls)
+    fake_llm.enqueue(text="好。")
+    turn(tuser, {"role_code": "wanqing", "message": "x"})
+    _, first, second = fake_llm.requests[1]["body"]["messages"][-3:]
+    assert (
+        json.loads(first["content"])["data"]["city"] == "杭州市" and "weekday" in json.loads(second["content"])["data"]
+    )
+
+
+def test_refused_round_two_names_the_stored_partial(tuser, fake_llm):
+    fake_llm.enqueue(text="稍等。", tool_calls=[{"name": "get_current_time", "arguments": {}}])
+    fake_llm.enqueue(status=500)
+    frames = turn(tuser, {"role_code": "wanqing", "message": "几点啦"})
+    assert frames[-1]["x_event"]["message_id"] == last_reply(tuser, "wanqing")["id"]
