@@ -236,6 +236,26 @@ def test_heartbeats_while_the_upstream_is_silent(start_server, db_url, fake_llm,
     assert frame_text(payloads) == "想好了" and payloads[-1] == "[DONE]"  # the naive client's text is unchanged
 
 
+def test_pings_arrive_during_a_40_second_silence_at_the_default_heartbeat(chat_server, db_url, new_user, fake_llm):
+    # The service's default AICHAT_SSE_HEARTBEAT (15 s): a thinking model silent for 40 s gets two comment
+    # lines, timed by the heartbeat, and a naive client's text is exactly the reply. One backend is enough.
+    if not db_url.startswith("sqlite"):
+        pytest.skip("not about the database: run once")
+    client = Client(chat_server.base_url, token=new_user()[1])
+    fake_llm.enqueue(chunks=["想", "好了"], headers_then_delay=40)
+    began = time.monotonic()
+    res = stream(client, {"role_code": "naitang", "message": "想很久"})
+    pings = []
+    payloads = []
+    for line in res.iter_lines(decode_unicode=True):
+        if line == ": ping":
+            pings.append(time.monotonic() - began)
+        elif line.startswith("data: "):
+            payloads.append(line[6:])
+    assert len(pings) == 2 and 14 <= pings[0] <= 17 and 29 <= pings[1] <= 32, pings
+    assert frame_text(payloads) == "想好了" and payloads[-1] == "[DONE]"
+
+
 def test_a_half_closed_client_still_gets_its_whole_reply(chat_server, new_user, fake_llm):
     import socket
 

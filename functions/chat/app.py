@@ -73,6 +73,10 @@ def build_app(
         """Stream a new reply to the last user message, replacing the old one (extension)."""
         return sse_response(chat.regenerate(req.user_uid(), req.json(), client=req.client_socket, key=idem_key()))
 
+    def chat_continue(req: ApiRequest):
+        """Continue a reply that was cut short, streaming only the new text (extension)."""
+        return sse_response(chat.continue_reply(req.user_uid(), req.json(), client=req.client_socket, key=idem_key()))
+
     def chat_edit(req: ApiRequest):
         """Edit the last user message and stream a new reply (extension)."""
         return sse_response(chat.edit(req.user_uid(), req.json(), client=req.client_socket, key=idem_key()))
@@ -147,6 +151,7 @@ def build_app(
         Route("chat_delete_message", "POST", "/chat/message/delete", "bearer_jwt", chat_delete_message),
         Route("chat_regenerate", "POST", "/chat/regenerate", "bearer_jwt", chat_regenerate, response_type="sse"),
         Route("chat_edit", "POST", "/chat/edit", "bearer_jwt", chat_edit, response_type="sse"),
+        Route("chat_continue", "POST", "/chat/continue", "bearer_jwt", chat_continue, response_type="sse"),
         Route("chat_conversation_create", "POST", "/chat/conversations", "bearer_jwt", chat_conversation_create),
         Route("chat_conversations", "GET", "/chat/conversations", "bearer_jwt", chat_conversations),
         Route("chat_conversation", "GET", "/chat/conversation", "bearer_jwt", chat_conversation),

@@ -99,6 +99,8 @@ class Settings:
     llm_models: tuple[str, ...] = ()
     # Send DashScope's `enable_thinking` on every request (off for upstreams that refuse unknown fields).
     llm_thinking_flag: bool = True
+    # /chat/continue sends the cut reply with DashScope's `partial: true` (off: as a prompt to go on).
+    llm_partial_mode: bool = True
     llm_connect_timeout_s: float = 5.0
     llm_read_timeout_s: float = 60.0
     message_max_chars: int = 4000
@@ -364,6 +366,7 @@ ENV_VARS: dict[str, tuple[str, object]] = {
     "AICHAT_LLM_VISION_MODEL": ("llm_vision_model", str),
     "AICHAT_LLM_MODELS": ("llm_models", lambda v: tuple(m.strip() for m in v.split(",") if m.strip())),
     "AICHAT_LLM_THINKING_FLAG": ("llm_thinking_flag", _flag),
+    "AICHAT_LLM_PARTIAL_MODE": ("llm_partial_mode", _flag),
     "AICHAT_LLM_CONNECT_TIMEOUT": ("llm_connect_timeout_s", float),
     "AICHAT_LLM_READ_TIMEOUT": ("llm_read_timeout_s", float),
     "AICHAT_MESSAGE_MAX_CHARS": ("message_max_chars", int),

@@ -115,6 +115,15 @@ class ChatService:
                 idempotency.finish(tx, uid=uid, key=keyed.key, reply_message_id=turn.message_id, response=answer)
         return answer
 
+    def continue_reply(
+        self, uid: str, body: dict[str, Any], *, client: socket.socket | None = None, key: str | None = None
+    ) -> StreamRelay:
+        """POST /chat/continue: the model goes on with a reply that was cut short (only the new text streams;
+        the stored reply grows in place and loses its partial flag when it completes)."""
+        from . import continuation
+
+        return self._relay(continuation.start(self, uid, body, Keyed("continue", body, key)), client, uid)
+
     def regenerate(
         self, uid: str, body: dict[str, Any], *, client: socket.socket | None = None, key: str | None = None
     ) -> StreamRelay:
