@@ -1,6 +1,8 @@
 """The web client end to end in Debian's Chromium (Playwright): login, roles, streaming, history, image,
 conversations (create, switch, rename, delete, a stream error under its reply), clear; a role's skills and the
-tool progress under a reply (the tool providers are loopback fakes)."""
+tool progress under a reply (the tool providers are loopback fakes); a reply read aloud (the TTS is a loopback
+fake); accounts: registration, password login, the access token renewed with the refresh token, the profile
+panel (profile, password, sessions, logout everywhere)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import http.client
 import re
 import struct
 import time
+import uuid
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from dev.fake_tools import FakeTools
+from dev.fake_tts import FakeTts
 from dev.webserver import WebServer
 from tests.conftest import IN_CI, chat_env
 from tests.helpers import Client, ServerProcess
@@ -91,16 +95,46 @@ def fake_tools(fake_tools_server: FakeTools) -> FakeTools:
 
 
 @pytest.fixture(scope="module")
-def chat_service(start_server, sqlite_url, fake_llm_server, fake_tools_server) -> ServerProcess:
-    """ChatService on SQLite, its tool providers pointed at the fakes."""
-    return start_server("chat", **chat_env(fake_llm_server, sqlite_url, **fake_tools_server.env()))
+def fake_tts_server() -> Iterator[FakeTts]:
+    """The fake DashScope TTS /chat/voice synthesises with (the chat_env LLM key is the DashScope key)."""
+    fake = FakeTts(api_key="test-llm-key").start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def fake_tts(fake_tts_server: FakeTts) -> FakeTts:
+    """The fake TTS with no faults scripted and no requests recorded."""
+    fake_tts_server.reset()
+    return fake_tts_server
 
 
 @pytest.fixture(scope="module")
-def site(start_server, sqlite_url, chat_service) -> Iterator[WebServer]:
+def chat_service(
+    start_server, sqlite_url, fake_llm_server, fake_tools_server, fake_tts_server, tmp_path_factory
+) -> ServerProcess:
+    """ChatService on SQLite, its tool providers and its TTS pointed at the fakes (audio kept in a temp dir)."""
+    env = chat_env(
+        fake_llm_server,
+        sqlite_url,
+        **fake_tools_server.env(),
+        AICHAT_DASHSCOPE_BASE_URL=fake_tts_server.base_url,
+        AICHAT_AUDIO_DIR=str(tmp_path_factory.mktemp("browser-audio")),
+        AICHAT_TTS_TIMEOUT="5",
+    )
+    return start_server("chat", **env)
+
+
+@pytest.fixture(scope="module")
+def login_service(start_server, sqlite_url) -> ServerProcess:
+    """LoginService on SQLite (the console SMS provider; the test account's code is 1234)."""
+    return start_server("login", AICHAT_DB_URL=sqlite_url)
+
+
+@pytest.fixture(scope="module")
+def site(login_service, chat_service) -> Iterator[WebServer]:
     """Both services on SQLite and the web client pointed at them."""
-    login = start_server("login", AICHAT_DB_URL=sqlite_url)
-    web = WebServer(login_base_url=login.base_url, chat_base_url=chat_service.base_url).start()
+    web = WebServer(login_base_url=login_service.base_url, chat_base_url=chat_service.base_url).start()
     yield web
     web.stop()
 
@@ -311,12 +345,16 @@ def test_chat_flow(browser, site, fake_llm, tmp_path):
         expect(page.locator(".bubble.opening")).to_have_text(OPENING)
         assert errors == []
 
-        # A token the server rejects sends the user back to the login page.
-        page.evaluate("localStorage.setItem('aichat.token', 'not-a-jwt')")
+        # A token the server rejects, with a refresh token it rejects too, sends the user back to the login page.
+        assert page.evaluate("localStorage.getItem('aichat.refresh')")  # the SMS login handed one out
+        page.evaluate("localStorage.setItem('aichat.token', 'not-a-jwt'); localStorage.setItem('aichat.refresh', 'x')")
         page.reload()
         expect(page.locator("#login-view")).to_be_visible()
         expect(page.locator("#error")).to_have_text("登录已失效，请重新登录")
-        assert page.evaluate("localStorage.getItem('aichat.token')") is None
+        assert page.evaluate("[localStorage.getItem('aichat.token'), localStorage.getItem('aichat.refresh')]") == [
+            None,
+            None,
+        ]
 
         # Log in again, log out, then a wrong code shows the contract's Chinese message.
         page.click("#login-btn")
@@ -452,3 +490,350 @@ def test_tool_progress_and_skills(browser, site, chat_service, fake_llm, fake_to
     finally:
         context.close()
     assert errors == []
+
+
+# -- voice and accounts -----------------------------------------------------------------------------------
+
+# About 3.5 s of the fake's tones (60 ms per spoken character): long enough to be seen playing and paused.
+LONG_REPLY = (
+    "喵呜～今天的风有一点凉，记得多穿一件衣服哦。晚上早点睡，明天我们一起去晒太阳，好不好？我会一直在这里陪着你的！"
+)
+SECOND_REPLY = "再给你讲一个小故事吧：从前有一只小猫，它最喜欢在窗台上晒太阳，一晒就是一整个下午。"
+# The browser logs each deliberate error answer (400 bad input, 401, 409, 502) as a failed resource load.
+EXPECTED_LOAD_ERROR = re.compile(r"Failed to load resource: the server responded with a status of (400|401|409|502)")
+PLAYER = """async () => {
+  const audio = document.querySelector("#voice-player");
+  const blob = audio.src.startsWith("blob:") ? await (await fetch(audio.src)).blob() : null;
+  return { paused: audio.paused, time: audio.currentTime, duration: audio.duration, src: audio.src,
+           type: blob && blob.type, size: blob && blob.size };
+}"""
+PLAYING = """() => {
+  const audio = document.querySelector("#voice-player");
+  return audio.src.startsWith("blob:") && !audio.paused && audio.currentTime > 0.2 && audio.duration > 1;
+}"""
+
+
+def new_page(browser) -> tuple[object, Page, list[str]]:
+    """A phone-sized page whose outside requests are answered locally, and the console errors it logs."""
+    context = browser.new_context(viewport={"width": 420, "height": 820}, locale="zh-CN")
+    context.set_default_timeout(10_000)
+    context.route(EXTERNAL, lambda route: route.fulfill(status=200, content_type="image/png", body=png()))
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(f"pageerror: {exc}"))
+    page.on("console", lambda msg: errors.append(f"console: {msg.text}") if msg.type == "error" else None)
+    return context, page, errors
+
+
+def unexpected(errors: list[str]) -> list[str]:
+    return [e for e in errors if not EXPECTED_LOAD_ERROR.search(e)]
+
+
+def new_account(login_service) -> tuple[str, str]:
+    """A fresh username and password, registered through the API."""
+    username, password = f"u_{uuid.uuid4().hex[:12]}", f"Pw-{uuid.uuid4().hex[:12]}"
+    res = Client(login_service.base_url).post("/register", {"username": username, "password": password})
+    assert res.status_code == 200, res.text
+    return username, password
+
+
+def password_login(page: Page, account: str, password: str) -> None:
+    """Log in on the 账号密码登录 tab; the role list follows."""
+    page.click("#tab-password")
+    expect(page.locator("#password-form")).to_be_visible()
+    expect(page.locator("#login-form")).to_be_hidden()
+    page.fill("#account", account)
+    page.fill("#password", password)
+    page.click("#password-login-btn")
+    expect(page.locator("#roles-view")).to_be_visible()
+
+
+def open_naitang(page: Page) -> None:
+    page.click('.role-card[data-role="naitang"]')
+    expect(page.locator("#chat-name")).to_have_text("奶糖")
+    expect(page.locator("#messages")).to_have_attribute("aria-busy", "false")
+
+
+def say(page: Page, text: str) -> None:
+    page.fill("#message", text)
+    page.press("#message", "Enter")
+    expect(page.locator(".bubble.user .text").last).to_have_text(text)
+    expect(page.locator(".bubble.streaming")).to_have_count(0)
+
+
+def stored(page: Page) -> dict[str, str | None]:
+    """The tokens the page keeps."""
+    script = "({access: localStorage.getItem('aichat.token'), refresh: localStorage.getItem('aichat.refresh')})"
+    return page.evaluate(script)
+
+
+def test_register_log_in_with_the_password_and_hear_a_reply(browser, site, fake_llm, fake_tts):
+    context, page, errors = new_page(browser)
+    voice_calls: list[str] = []
+    page.on("request", lambda req: voice_calls.append(req.url) if "/chat/voice" in req.url else None)
+    username, password = f"u_{uuid.uuid4().hex[:12]}", f"Pw-{uuid.uuid4().hex[:12]}"
+    try:
+        page.goto(site.url)
+
+        # Register: the server's message names the field at fault; then the account, logged in at once.
+        expect(page.locator("#tab-sms")).to_have_attribute("aria-selected", "true")
+        page.click("#tab-register")
+        expect(page.locator("#tab-register")).to_have_attribute("aria-selected", "true")
+        expect(page.locator("#register-form")).to_be_visible()
+        expect(page.locator("#login-form")).to_be_hidden()
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "register.png"))
+        page.fill("#reg-username", "ab")
+        page.fill("#reg-password", password)
+        page.click("#register-btn")
+        expect(page.locator("#error")).to_contain_text("username")
+        page.fill("#reg-username", username)
+        page.fill("#reg-nickname", "<b>小鱼干</b>")
+        page.click("#register-btn")
+        expect(page.locator("#roles-view")).to_be_visible()
+        expect(page.locator("#notice")).to_have_text("注册成功")
+        expect(page.locator("#user-label")).to_have_text("<b>小鱼干</b>")  # text, never markup
+        assert page.locator("#user-label b").count() == 0
+        tokens = stored(page)
+        assert tokens["access"] and tokens["refresh"]
+
+        # The same username again is 409 AccountExists; a wrong password is the one 401 InvalidCredentials.
+        page.click("#logout-btn")
+        expect(page.locator("#login-view")).to_be_visible()
+        assert stored(page) == {"access": None, "refresh": None}
+        page.click("#tab-register")
+        page.fill("#reg-username", username)
+        page.fill("#reg-password", password)
+        page.click("#register-btn")
+        expect(page.locator("#error")).to_have_text("用户名已被注册")
+        page.click("#tab-password")
+        expect(page.locator("#error")).to_be_hidden()
+        page.fill("#account", username)
+        page.fill("#password", "not-the-password")
+        page.click("#password-login-btn")
+        expect(page.locator("#error")).to_have_text("账号或密码错误")
+        expect(page.locator("#login-view")).to_be_visible()
+        password_login(page, username, password)
+        expect(page.locator("#user-label")).to_have_text("<b>小鱼干</b>")
+
+        # Chat with 奶糖: the stored reply gets ▶; the opening message and the user's own do not.
+        open_naitang(page)
+        expect(page.locator(".voice-btn")).to_have_count(0)
+        fake_llm.enqueue(text=LONG_REPLY)
+        say(page, "给我讲讲今天吧")
+        reply = page.locator(".bubble.assistant").nth(1)
+        expect(reply.locator(".text")).to_have_text(LONG_REPLY)
+        button = reply.locator(".voice-btn")
+        expect(button).to_have_text("▶")
+        expect(button).to_have_attribute("data-state", "idle")
+        expect(page.locator(".bubble.opening .voice-btn, .bubble.user .voice-btn")).to_have_count(0)
+
+        # ▶: loading while the (slowed) TTS works, then ⏸ while the MP3 plays.
+        fake_tts.fail(status=0, delay=1.0, times=1)
+        button.click()
+        expect(button).to_have_attribute("data-state", "loading")
+        expect(button).to_have_attribute("aria-busy", "true")
+        expect(button).to_have_attribute("data-state", "playing")
+        expect(button).to_have_text("⏸")
+        page.wait_for_function(PLAYING)
+        played = page.evaluate(PLAYER)
+        assert played["type"] == "audio/mpeg" and played["size"] > 1000, played
+        assert 2.5 < played["duration"] < 6 and not played["paused"], played
+        assert len(voice_calls) == 1 and fake_tts.synth_count() == 1
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "voice.png"), animations="disabled")
+
+        # ⏸ stops it; ▶ goes on from there, from the page's cache (no second request).
+        button.click()
+        expect(button).to_have_attribute("data-state", "idle")
+        paused = page.evaluate(PLAYER)
+        assert paused["paused"] and paused["time"] > 0
+        button.click()
+        expect(button).to_have_attribute("data-state", "playing")
+        page.wait_for_function(f"() => document.querySelector('#voice-player').currentTime > {paused['time']}")
+        assert len(voice_calls) == 1
+
+        # A second reply whose synthesis fails: the server's message in the error notice, ▶ again.
+        fake_llm.enqueue(text=SECOND_REPLY)
+        say(page, "再讲一个")
+        second = page.locator(".bubble.assistant").nth(2).locator(".voice-btn")
+        first = page.locator(".bubble.assistant").nth(1).locator(".voice-btn")  # the history was drawn again
+        expect(first).to_have_attribute("data-state", "playing")  # still playing through the redraw
+        fake_tts.fail(status=500, times=1)
+        second.click()
+        expect(page.locator("#error")).to_contain_text("语音服务返回错误")
+        expect(second).to_have_attribute("data-state", "idle")
+        expect(first).to_have_attribute("data-state", "idle")  # the other clip stopped when this one was asked for
+
+        # Tapped again it plays, and only one clip plays at a time.
+        second.click()
+        expect(second).to_have_attribute("data-state", "playing")
+        expect(page.locator("#error")).to_be_hidden()
+        expect(page.locator('.voice-btn[data-state="playing"]')).to_have_count(1)
+        page.wait_for_function(PLAYING)
+        second_src = page.evaluate(PLAYER)["src"]
+        first.click()
+        expect(first).to_have_attribute("data-state", "playing")
+        expect(second).to_have_attribute("data-state", "idle")
+        assert page.evaluate(PLAYER)["src"] != second_src
+        assert len(voice_calls) == 3  # the first clip came from the cache
+        expect(first).to_have_attribute("data-state", "idle", timeout=15_000)  # played to the end
+        assert page.evaluate("document.querySelector('#voice-player').ended")
+    finally:
+        context.close()
+    assert unexpected(errors) == []
+
+
+def test_a_refused_access_token_is_renewed_with_the_refresh_token(browser, site, login_service, fake_llm):
+    username, password = new_account(login_service)
+    context, page, errors = new_page(browser)
+    calls: list[str] = []
+    page.on("request", lambda req: calls.append(f"{req.method} {req.url.split('?')[0].split('/', 3)[-1]}"))
+    try:
+        page.goto(site.url)
+        password_login(page, username, password)
+        open_naitang(page)
+        first = stored(page)
+
+        # The access token goes bad (as if expired): the next message is refused, renewed and sent again once.
+        page.evaluate("localStorage.setItem('aichat.token', 'garbage')")
+        calls.clear()
+        say(page, "你还在吗？")
+        expect(page.locator(".bubble.assistant .text").last).to_contain_text("你还在吗？")
+        assert calls.count("POST chat/stream") == 2 and calls.count("POST token/refresh") == 1, calls
+        assert len(fake_llm.requests) == 1  # one completion: the refused attempt never reached the model
+        expect(page.locator(".bubble.user")).to_have_count(1)
+        renewed = stored(page)
+        assert renewed["access"] not in (None, "garbage", first["access"])
+        assert renewed["refresh"] not in (None, first["refresh"])  # rotated
+
+        # A reload with a bad token: the calls refused while the (slowed) refresh runs share that one refresh.
+        def slow_refresh(route) -> None:
+            time.sleep(0.5)
+            route.continue_()
+
+        page.route("**/token/refresh", slow_refresh)
+        page.evaluate("localStorage.setItem('aichat.token', 'garbage')")
+        calls.clear()
+        page.reload()
+        expect(page.locator("#messages")).to_have_attribute("aria-busy", "false")
+        expect(page.locator(".bubble.user .text")).to_have_text(["你还在吗？"])
+        expect(page.locator("#user-label")).to_have_text(username)
+        assert calls.count("POST token/refresh") == 1, calls
+        assert calls.count("GET me") == 2 and calls.count("GET chat/conversations") == 2, calls  # both refused once
+        page.unroute("**/token/refresh")
+        again = stored(page)
+        assert again["refresh"] not in (None, renewed["refresh"])
+
+        # The spent refresh token presented again (a thief): the server ends the session, so the next call is
+        # refused, cannot be renewed, and the user is back at the login page; the message is not sent.
+        reuse = Client(login_service.base_url).post("/token/refresh", {"refresh_token": renewed["refresh"]})
+        assert reuse.status_code == 401
+        fake_llm.reset()
+        page.fill("#message", "这条发不出去")
+        page.press("#message", "Enter")
+        expect(page.locator("#login-view")).to_be_visible()
+        expect(page.locator("#error")).to_have_text("登录已失效，请重新登录")
+        assert stored(page) == {"access": None, "refresh": None}
+        assert fake_llm.requests == []
+    finally:
+        context.close()
+    assert unexpected(errors) == []
+
+
+def test_the_profile_panel(browser, site, login_service):
+    username, password = new_account(login_service)
+    other = Client(login_service.base_url)
+    other_token = other.post("/login/password", {"account": username, "password": password}).json()["access_token"]
+    other.token = other_token
+    context, page, errors = new_page(browser)
+    try:
+        page.goto(site.url)
+        password_login(page, username, password)
+        page.click("#profile-btn")
+        expect(page.locator("#profile-view")).to_be_visible()
+        expect(page).to_have_url(re.compile(r"#/me$"))
+        expect(page.locator("#profile-card")).to_have_attribute("aria-busy", "false")
+        expect(page.locator("#me-name")).to_have_text(username)
+        expect(page.locator("#me-account")).to_have_text(f"@{username}")
+        expect(page.locator("#me-facts")).to_contain_text("用户名")
+        expect(page.locator("#nickname")).to_have_value("")
+        expect(page.locator("#password-set-title")).to_have_text("修改密码")
+        expect(page.locator("#current-password")).to_be_visible()
+
+        # Sessions: this one (本机, no end button) and the one logged in through the API.
+        items = page.locator("#session-list .session-item")
+        expect(items).to_have_count(2)
+        here = page.locator('.session-item[data-current="true"]')
+        expect(here).to_have_count(1)
+        expect(here).to_contain_text("本机")
+        expect(here.locator(".session-end")).to_have_count(0)
+        expect(here).to_contain_text("Chrome")
+
+        # The nickname, saved and shown after a reload; a refused avatar URL shows the server's message.
+        page.fill("#nickname", "晒太阳的猫")
+        page.fill("#avatar-url", "http://example.com/a.png")
+        page.click("#profile-save")
+        expect(page.locator("#error")).to_contain_text("avatar_url")
+        page.fill("#avatar-url", "https://example.com/a.png")
+        page.fill("#bio", "<img src=x onerror=alert(1)>")
+        page.click("#profile-save")
+        expect(page.locator("#notice")).to_have_text("资料已保存")
+        expect(page.locator("#me-name")).to_have_text("晒太阳的猫")
+        expect(page.locator("#user-label")).to_have_text("晒太阳的猫")
+        expect(page.locator("#me-avatar")).to_have_attribute("src", "https://example.com/a.png")
+        expect(page.locator("#me-facts")).to_contain_text("<img src=x onerror=alert(1)>")
+        page.reload()
+        expect(page.locator("#profile-view")).to_be_visible()
+        expect(page.locator("#nickname")).to_have_value("晒太阳的猫")
+        expect(page.locator("#me-name")).to_have_text("晒太阳的猫")
+        expect(page.locator("#bio")).to_have_value("<img src=x onerror=alert(1)>")
+        assert other.get("/me").json()["user"]["nickname"] == "晒太阳的猫"
+        # Emptied, the bio is cleared (sent as null).
+        page.fill("#bio", "")
+        page.click("#profile-save")
+        expect(page.locator("#notice")).to_have_text("资料已保存")
+        assert other.get("/me").json()["user"]["bio"] is None
+
+        # End the other session: it is gone from the list, and its token stops working.
+        assert other.get("/me").status_code == 200
+        page.locator('.session-item:not([data-current="true"]) .session-end').click()
+        expect(page.locator("#notice")).to_have_text("会话已结束")
+        expect(items).to_have_count(1)
+        expect(here).to_have_count(1)
+        assert other.get("/me").status_code == 401
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "profile.png"), full_page=True)
+
+        # Change the password: a wrong current one is an error here, not a logout; the right one works.
+        new_password = f"Pw-{uuid.uuid4().hex[:12]}"
+        page.fill("#current-password", "not-the-password")
+        page.fill("#new-password", new_password)
+        page.click("#password-set-btn")
+        expect(page.locator("#error")).to_have_text("当前密码错误")
+        expect(page.locator("#profile-view")).to_be_visible()
+        page.fill("#current-password", password)
+        page.click("#password-set-btn")
+        expect(page.locator("#notice")).to_have_text("密码已修改")
+        expect(page.locator("#new-password")).to_have_value("")
+
+        # 退出所有设备 (after a confirm): back at the login page, and the token is dead on the server too.
+        token = stored(page)["access"]
+        page.once("dialog", lambda dialog: dialog.accept())
+        page.click("#logout-all")
+        expect(page.locator("#login-view")).to_be_visible()
+        expect(page.locator("#notice")).to_have_text("已在所有设备退出登录")
+        assert stored(page) == {"access": None, "refresh": None}
+        assert Client(login_service.base_url, token=token).get("/me").status_code == 401
+
+        # The new password logs in; 退出登录 in the panel ends that session on the server.
+        password_login(page, username, new_password)
+        token = stored(page)["access"]
+        page.click("#profile-btn")
+        expect(page.locator("#session-list .session-item")).to_have_count(1)
+        page.click("#logout-here")
+        expect(page.locator("#login-view")).to_be_visible()
+        assert Client(login_service.base_url, token=token).get("/me").status_code == 401
+    finally:
+        context.close()
+    assert unexpected(errors) == []

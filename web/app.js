@@ -1,9 +1,11 @@
 // Reference web client of the aichat API (contract section 7): login, role picker, streaming chat,
 // and each role's conversations (chat-api-v2: /chat/conversations, conversation_id, x_event frames),
-// the role's skills (/chat/role/skills, /chat/skill) and the tool progress of a reply (tool.start / tool.end).
+// the role's skills (/chat/role/skills, /chat/skill) and the tool progress of a reply (tool.start / tool.end),
+// a reply read aloud (/chat/voice), and accounts: password login, registration, refresh tokens, the profile panel.
 
 const $ = (selector) => document.querySelector(selector);
 const TOKEN_KEY = "aichat.token";
+const REFRESH_KEY = "aichat.refresh";
 const USER_KEY = "aichat.user";
 const RESEND_SECONDS = 60;
 const CONVERSATION_PAGE = 20; // /chat/conversations limit: 1..100
@@ -28,6 +30,15 @@ const state = {
   stream: null, // AbortController of the reply being streamed
   skills: [], // the open role's skills that can be used directly (GET /chat/role/skills, less the chat-only ones)
   pendingSkill: null, // the skill whose argument is being asked for
+  profile: null, // GET /me's user, while the profile panel is open
+};
+
+// The reply being read aloud: one <audio> for the page, so one clip plays at a time.
+const voice = {
+  clips: new Map(), // message id -> blob: URL of its MP3, kept for the page's life
+  id: null, // the message whose clip the player holds
+  loading: null, // the message whose clip is being fetched (the one asked for last)
+  unlocked: false, // the player was started inside a tap once (iOS lets it play later)
 };
 
 class ApiError extends Error {
@@ -62,10 +73,15 @@ async function loadConfig() {
   state.chatBase = config.chat_base_url.replace(/\/+$/, "");
 }
 
-async function request(base, path, { method = "GET", body, auth = false, signal } = {}) {
+// One call. With `auth`, an access token the server rejects (401 Unauthorized: expired, or replaced in another
+// tab) is renewed once with the refresh token and the call sent again. A 401 answers before the server does
+// anything, so even a streaming POST is safe to resend then: its status came before any frame. A stream that
+// has started is never sent again (a failure after that is read from the frames, not retried).
+async function request(base, path, { method = "GET", body, auth = false, signal, renew = true } = {}) {
   const headers = {};
   if (body !== undefined) headers["Content-Type"] = "application/json";
-  if (auth) headers.Authorization = `Bearer ${state.token}`;
+  const token = auth ? currentToken() : null;
+  if (auth) headers.Authorization = `Bearer ${token}`;
   let res;
   try {
     res = await fetch(base + path, { method, headers, signal, body: body === undefined ? undefined : JSON.stringify(body) });
@@ -73,8 +89,13 @@ async function request(base, path, { method = "GET", body, auth = false, signal 
     if (err.name === "AbortError") throw err;
     throw new ApiError(0, "NetworkError", "网络异常，请检查网络后重试");
   }
-  if (!res.ok) throw await errorOf(res);
-  return res;
+  if (res.ok) return res;
+  const err = await errorOf(res);
+  if (auth && renew && res.status === 401 && err.code === "Unauthorized" && (await renewToken(token))) {
+    if (signal?.aborted) throw new DOMException("The call was aborted", "AbortError");
+    return request(base, path, { method, body, auth, signal, renew: false });
+  }
+  throw err;
 }
 
 async function errorOf(res) {
@@ -89,6 +110,53 @@ async function errorOf(res) {
 }
 
 const getJson = async (base, path, options) => (await request(base, path, options)).json();
+
+// ---- tokens: the access token, and the refresh token that renews it (rotated on every use) ----
+
+// localStorage is the one copy, shared by the page's tabs: a tab that renewed the tokens renews them for all.
+function currentToken() {
+  state.token = localStorage.getItem(TOKEN_KEY);
+  return state.token;
+}
+
+function saveTokens(data) {
+  state.token = data.access_token;
+  localStorage.setItem(TOKEN_KEY, data.access_token);
+  // Always keep the newest refresh token: the one just spent is refused from now on (and ends the session).
+  if (typeof data.refresh_token === "string" && data.refresh_token) localStorage.setItem(REFRESH_KEY, data.refresh_token);
+}
+
+let renewal = null; // the refresh under way in this page: concurrent 401s wait for the same one
+
+// A call sent with `sentWith` was refused: true when a newer access token is there to send it again with, false
+// when the session is over (no refresh token, or the server refused it); network trouble throws.
+function renewToken(sentWith) {
+  if (!renewal) {
+    const run = () => refreshTokens(sentWith);
+    // Tabs take turns (the Web Locks API, where there is one): a refresh token is good for one use only.
+    renewal = (navigator.locks ? navigator.locks.request("aichat.token-refresh", run) : run()).finally(() => {
+      renewal = null;
+    });
+  }
+  return renewal;
+}
+
+async function refreshTokens(sentWith) {
+  const latest = currentToken();
+  if (latest && latest !== sentWith) return true; // renewed meanwhile, here or in another tab
+  const refreshToken = localStorage.getItem(REFRESH_KEY);
+  if (!latest || !refreshToken) return false;
+  try {
+    const data = await getJson(state.loginBase, "/token/refresh", { method: "POST", body: { refresh_token: refreshToken } });
+    if (typeof data.access_token !== "string" || !data.access_token) return false;
+    if (localStorage.getItem(TOKEN_KEY) !== latest) return true; // logged out (or in again) while it ran
+    saveTokens(data);
+    return true;
+  } catch (err) {
+    if (err.status === 400 || err.status === 401) return false;
+    throw err;
+  }
+}
 
 // ---- messages to the user ----
 
@@ -109,25 +177,38 @@ function clearMessages() {
   showNotice("");
 }
 
-// Every failed call ends here: a rejected token sends the user back to the login page.
+// Every failed call ends here: a token that could not be renewed sends the user back to the login page.
 function handleError(err) {
   if (err.name === "AbortError") return;
   if (err.status === 401 && err.code === "Unauthorized") {
+    if (!state.token) return; // logged out already (here, or in another tab)
     logout();
     showError("登录已失效，请重新登录");
     return;
   }
-  showError(err.message || "出错了，请稍后再试");
+  const text = err.message || "出错了，请稍后再试";
+  showError(err.status === 429 && err.retryAfter ? `${text}（${err.retryAfter} 秒后可重试）` : text);
 }
 
-// ---- views and routing (#/roles, #/chat/<role_code>) ----
+// ---- views and routing (#/roles, #/chat/<role_code>, #/me) ----
 
 function showView(name) {
-  for (const view of ["login", "roles", "chat"]) $(`#${view}-view`).hidden = view !== name;
+  for (const view of ["login", "roles", "chat", "profile"]) $(`#${view}-view`).hidden = view !== name;
   const loggedIn = Boolean(state.token);
   $("#logout-btn").hidden = !loggedIn;
-  $("#user-label").textContent = loggedIn && state.user ? `+${state.user.country_code} ${state.user.phone_number}` : "";
+  $("#profile-btn").hidden = !loggedIn || name === "profile";
+  showUserLabel();
   document.body.dataset.view = name;
+}
+
+// The nickname, else the phone number, else the username.
+function showUserLabel() {
+  const user = state.token ? state.user : null;
+  let label = "";
+  if (user?.nickname) label = user.nickname;
+  else if (user?.phone_number) label = `+${user.country_code} ${user.phone_number}`;
+  else if (user?.username) label = user.username;
+  $("#user-label").textContent = label;
 }
 
 function go(hash) {
@@ -138,6 +219,7 @@ function go(hash) {
 async function route() {
   abortStream();
   if (!state.token) return showView("login");
+  if (location.hash === "#/me") return openProfile();
   const match = location.hash.match(/^#\/chat\/([\w-]+)$/);
   if (!state.roles.length) await loadRoles();
   const role = match && state.roles.find((r) => r.role_code === match[1]);
@@ -198,12 +280,7 @@ async function login(event) {
   button.disabled = true;
   try {
     const body = { ...loginFields(), verify_code: $("#code").value.trim() };
-    const data = await getJson(state.loginBase, "/login", { method: "POST", body });
-    state.token = data.access_token;
-    state.user = data.user;
-    localStorage.setItem(TOKEN_KEY, state.token);
-    localStorage.setItem(USER_KEY, JSON.stringify(state.user));
-    go(location.hash.startsWith("#/chat/") ? location.hash : "#/roles");
+    loggedIn(await getJson(state.loginBase, "/login", { method: "POST", body }));
   } catch (err) {
     handleError(err);
   } finally {
@@ -211,18 +288,360 @@ async function login(event) {
   }
 }
 
+// SMS and password logins answer the same: the tokens and the user ({uid, phone_number, country_code}).
+function loggedIn(data) {
+  saveTokens(data);
+  state.user = data.user || {};
+  localStorage.setItem(USER_KEY, JSON.stringify(state.user));
+  loadMe(); // the nickname and username for the top bar
+  $("#password").value = "";
+  go(/^#\/(chat\/|me$)/.test(location.hash) ? location.hash : "#/roles");
+}
+
+function passwordLogin(account, password) {
+  return getJson(state.loginBase, "/login/password", { method: "POST", body: { account, password } });
+}
+
+async function loginWithPassword(event) {
+  event.preventDefault();
+  clearMessages();
+  const account = $("#account").value.trim();
+  const password = $("#password").value;
+  if (!account) return showError("请输入用户名、邮箱或手机号");
+  if (!password) return showError("请输入密码");
+  const button = $("#password-login-btn");
+  button.disabled = true;
+  try {
+    loggedIn(await passwordLogin(account, password));
+  } catch (err) {
+    handleError(err);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+// A new account, then logged in with its password at once.
+async function register(event) {
+  event.preventDefault();
+  clearMessages();
+  const username = $("#reg-username").value.trim();
+  const password = $("#reg-password").value;
+  if (!username) return showError("请输入用户名");
+  if (!password) return showError("请输入密码");
+  const body = { username, password };
+  const email = $("#reg-email").value.trim();
+  const nickname = $("#reg-nickname").value.trim();
+  if (email) body.email = email;
+  if (nickname) body.nickname = nickname;
+  const button = $("#register-btn");
+  button.disabled = true;
+  try {
+    const data = await getJson(state.loginBase, "/register", { method: "POST", body });
+    const registered = data.user?.username || username;
+    let session;
+    try {
+      session = await passwordLogin(registered, password);
+    } catch (err) {
+      // Registered, but not logged in (throttled, the network): the password tab, with the account filled in.
+      showLoginTab("password-form");
+      $("#account").value = registered;
+      handleError(err);
+      return;
+    }
+    for (const id of ["reg-username", "reg-password", "reg-email", "reg-nickname"]) $(`#${id}`).value = "";
+    loggedIn(session);
+    showNotice(data.message || "注册成功");
+  } catch (err) {
+    handleError(err);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+function showLoginTab(formId) {
+  for (const tab of document.querySelectorAll("#login-tabs [role=tab]")) {
+    const selected = tab.dataset.form === formId;
+    tab.setAttribute("aria-selected", String(selected));
+    tab.tabIndex = selected ? 0 : -1;
+    $(`#${tab.dataset.form}`).hidden = !selected;
+  }
+}
+
+// Arrow keys move between the tabs (the tablist pattern).
+function onTabKeydown(event) {
+  const tabs = [...document.querySelectorAll("#login-tabs [role=tab]")];
+  const at = tabs.indexOf(event.target);
+  const step = { ArrowRight: 1, ArrowLeft: -1 }[event.key];
+  if (at < 0 || !step) return;
+  const next = tabs[(at + step + tabs.length) % tabs.length];
+  showLoginTab(next.dataset.form);
+  next.focus();
+}
+
+// The signed-in user's profile: the top bar's name (the user label).
+async function loadMe() {
+  try {
+    const data = await getJson(state.loginBase, "/me", { auth: true });
+    if (data.user && state.token) rememberProfile(data.user);
+    return data.user || null;
+  } catch (err) {
+    if (err.status === 401) handleError(err);
+    return null;
+  }
+}
+
+// The profile fields the top bar uses (the login's own phone fields are kept: /me masks the number).
+function rememberProfile(user) {
+  state.user = { ...state.user, uid: user.uid, username: user.username, nickname: user.nickname };
+  if (!state.user.phone_number && user.phone_number) {
+    Object.assign(state.user, { phone_number: user.phone_number, country_code: user.country_code });
+  }
+  localStorage.setItem(USER_KEY, JSON.stringify(state.user));
+  showUserLabel();
+}
+
+// Forgets the tokens here (the server side ends with signOut).
 function logout() {
   abortStream();
+  stopVoice({ forget: true });
   state.token = null;
   state.user = null;
   state.role = null;
+  state.profile = null;
   resetConversations();
   closeDrawer();
   localStorage.removeItem(TOKEN_KEY);
+  localStorage.removeItem(REFRESH_KEY);
   localStorage.removeItem(USER_KEY);
   clearMessages();
   history.replaceState(null, "", location.pathname + location.search);
   showView("login");
+}
+
+// 退出登录: this session ends on the server (its refresh token too), then here, even if the call failed.
+async function signOut() {
+  if (state.token) {
+    try {
+      await request(state.loginBase, "/logout", { method: "POST", auth: true });
+    } catch {
+      // Offline or already ended: the tokens are forgotten here all the same.
+    }
+  }
+  logout();
+}
+
+// 退出所有设备: every session of the user ends; this one only once the server said so.
+async function signOutEverywhere() {
+  if (!confirm("确定在所有设备上退出登录吗？")) return;
+  clearMessages();
+  const button = $("#logout-all");
+  button.disabled = true;
+  try {
+    const data = await getJson(state.loginBase, "/logout/all", { method: "POST", auth: true });
+    logout();
+    showNotice(data.message || "已在所有设备退出登录");
+  } catch (err) {
+    handleError(err);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+// ---- the profile panel (#/me): GET /me, /me/update, /password/set, the sessions ----
+
+async function openProfile() {
+  state.role = null;
+  resetConversations();
+  closeDrawer();
+  clearMessages();
+  showView("profile");
+  $("#profile-card").setAttribute("aria-busy", "true");
+  await Promise.all([loadProfile(), loadSessions()]);
+}
+
+async function loadProfile() {
+  const user = await loadMe();
+  if (!user || location.hash !== "#/me") return;
+  renderProfile(user);
+}
+
+function renderProfile(user) {
+  state.profile = user;
+  const name = user.nickname || user.username || (user.phone_number ? `+${user.country_code} ${user.phone_number}` : "我");
+  setAvatar($("#me-avatar"), user.avatar_url, name);
+  $("#me-name").textContent = name;
+  $("#me-account").textContent = user.username ? `@${user.username}` : "";
+  const facts = [
+    ["用户名", user.username],
+    ["手机号", user.phone_number ? `+${user.country_code} ${user.phone_number}` : ""],
+    ["邮箱", user.email],
+    ["注册时间", (user.created_at || "").replace("T", " ")],
+    ["简介", user.bio],
+  ];
+  const list = $("#me-facts");
+  list.replaceChildren();
+  for (const [label, value] of facts) {
+    const term = document.createElement("dt");
+    term.textContent = label;
+    const detail = document.createElement("dd");
+    detail.textContent = value || "未设置";
+    if (!value) detail.className = "muted";
+    list.append(term, detail);
+  }
+  $("#nickname").value = user.nickname || "";
+  $("#avatar-url").value = user.avatar_url || "";
+  $("#bio").value = user.bio || "";
+  const hasPassword = Boolean(user.has_password);
+  $("#password-set-title").textContent = hasPassword ? "修改密码" : "设置密码";
+  $("#password-set-btn").textContent = hasPassword ? "修改密码" : "设置密码";
+  $("#current-password-row").hidden = !hasPassword;
+  $("#password-set-hint").textContent = hasPassword
+    ? "修改后，其他设备上的登录会失效。"
+    : "设置后，也可以用用户名或手机号加密码登录。";
+  $("#pw-username").value = user.username || user.phone_number || "";
+  $("#profile-card").setAttribute("aria-busy", "false");
+}
+
+// Only the fields that changed are sent; an emptied one is sent as null (cleared).
+async function saveProfile(event) {
+  event.preventDefault();
+  const user = state.profile;
+  if (!user) return;
+  clearMessages();
+  const body = {};
+  for (const [field, input] of [["nickname", "#nickname"], ["avatar_url", "#avatar-url"], ["bio", "#bio"]]) {
+    const value = $(input).value.trim();
+    if (value !== (user[field] || "")) body[field] = value || null;
+  }
+  if (!Object.keys(body).length) return showNotice("资料没有变化");
+  const button = $("#profile-save");
+  button.disabled = true;
+  try {
+    const data = await getJson(state.loginBase, "/me/update", { method: "POST", body, auth: true });
+    if (data.user) {
+      rememberProfile(data.user);
+      renderProfile(data.user);
+    }
+    showNotice("资料已保存");
+  } catch (err) {
+    handleError(err);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+async function setPassword(event) {
+  event.preventDefault();
+  const user = state.profile;
+  if (!user) return;
+  clearMessages();
+  const body = { new_password: $("#new-password").value };
+  if (!body.new_password) return showError("请输入新密码");
+  if (user.has_password) {
+    body.current_password = $("#current-password").value;
+    if (!body.current_password) return showError("请输入当前密码");
+  }
+  const button = $("#password-set-btn");
+  button.disabled = true;
+  try {
+    // A wrong current password is 401 InvalidCredentials: an error to show, not the end of the login.
+    const data = await getJson(state.loginBase, "/password/set", { method: "POST", body, auth: true });
+    $("#current-password").value = "";
+    $("#new-password").value = "";
+    await Promise.all([loadProfile(), loadSessions()]); // has_password now; a change ended the other sessions
+    showNotice(data.message || "密码已设置");
+  } catch (err) {
+    handleError(err);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+async function loadSessions() {
+  const list = $("#session-list");
+  list.setAttribute("aria-busy", "true");
+  try {
+    const data = await getJson(state.loginBase, "/sessions", { auth: true });
+    if (location.hash === "#/me") renderSessions(Array.isArray(data.sessions) ? data.sessions : []);
+  } catch (err) {
+    handleError(err);
+  } finally {
+    list.setAttribute("aria-busy", "false");
+  }
+}
+
+// "Mozilla/5.0 (…; Android 14; …) … Chrome/126.0 Mobile Safari/537.36" -> "Chrome · Android"
+function deviceOf(userAgent) {
+  const ua = userAgent || "";
+  const browser = [
+    [/Edg\//, "Edge"],
+    [/MicroMessenger/, "微信"],
+    [/Firefox\//, "Firefox"],
+    [/Chrome\/|CriOS\//, "Chrome"],
+    [/Safari\//, "Safari"],
+    [/okhttp|Dart|python-requests|curl/i, "应用"],
+  ].find(([pattern]) => pattern.test(ua))?.[1];
+  const system = [
+    [/iPhone|iPad|iOS/, "iOS"],
+    [/Android/, "Android"],
+    [/Mac OS X|Macintosh/, "macOS"],
+    [/Windows/, "Windows"],
+    [/Linux/, "Linux"],
+  ].find(([pattern]) => pattern.test(ua))?.[1];
+  return [browser, system].filter(Boolean).join(" · ") || (ua ? ua.slice(0, 40) : "未知设备");
+}
+
+function renderSessions(sessions) {
+  const list = $("#session-list");
+  list.replaceChildren();
+  for (const session of sessions) {
+    const item = document.createElement("li");
+    item.className = "session-item";
+    item.dataset.id = session.session_id;
+    if (session.current) item.dataset.current = "true";
+    const text = document.createElement("span");
+    text.className = "session-text";
+    const device = document.createElement("span");
+    device.className = "session-device";
+    device.textContent = deviceOf(session.user_agent);
+    if (session.user_agent) device.title = session.user_agent;
+    if (session.current) device.append(tag("本机", "current-tag"));
+    const meta = document.createElement("span");
+    meta.className = "session-meta muted small";
+    meta.textContent = [session.client_ip, `最近使用 ${shortTime(session.last_used_at)}`, `登录于 ${shortTime(session.created_at)}`]
+      .filter(Boolean)
+      .join(" · ");
+    text.append(device, meta);
+    item.append(text);
+    if (!session.current) {
+      const end = document.createElement("button");
+      end.type = "button";
+      end.className = "link small danger session-end";
+      end.textContent = "结束";
+      end.setAttribute("aria-label", `结束 ${device.textContent} 上的登录`);
+      end.addEventListener("click", () => endSession(session, end));
+      item.append(end);
+    }
+    list.append(item);
+  }
+  if (!sessions.length) {
+    const empty = document.createElement("li");
+    empty.className = "muted small";
+    empty.textContent = "没有其他登录";
+    list.append(empty);
+  }
+}
+
+async function endSession(session, button) {
+  clearMessages();
+  button.disabled = true;
+  try {
+    const data = await getJson(state.loginBase, "/session/revoke", { method: "POST", body: { session_id: session.session_id }, auth: true });
+    showNotice(data.message || "会话已结束");
+  } catch (err) {
+    handleError(err);
+  }
+  if (state.token) await loadSessions(); // ended, or gone already (404 SessionNotFound): the list as it is now
 }
 
 // ---- roles ----
@@ -311,6 +730,8 @@ function bubble(sender, content, { id = null, hasImage = false, partial = false,
   text.textContent = content;
   el.append(text);
   if (partial) el.append(tag("（未完成）", "partial-tag"));
+  // A stored reply with something to say can be read aloud.
+  if (sender === "assistant" && id != null && !opening && String(content ?? "").trim()) el.append(voiceButton(id));
   return el;
 }
 
@@ -775,7 +1196,10 @@ function applyFrame(frame, turn, textEl) {
   } else if (event.type === "tool.end") {
     endToolLine(liveToolLine(turn, event), event);
   } else if (event.type === "done") {
-    if (event.message_id != null) turn.reply.dataset.id = event.message_id;
+    if (event.message_id != null) {
+      turn.reply.dataset.id = event.message_id;
+      if (textEl.textContent.trim() && !turn.reply.querySelector(".voice-btn")) turn.reply.append(voiceButton(event.message_id));
+    }
   }
   const failure = event.type === "error" ? event : frame.error;
   if (failure) {
@@ -804,6 +1228,127 @@ async function clearChat() {
     handleError(err);
   }
   if (state.token && state.role === role) await Promise.all([refreshHistory(), loadConversations()]);
+}
+
+// ---- a reply read aloud (GET /chat/voice: an MP3, or a 302 to one) ----
+
+// ▶ under a reply; ⏸ while its clip plays; a spinner while it loads. Its look follows `voice` and the player.
+function voiceButton(id) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "voice-btn";
+  button.dataset.id = String(id);
+  button.addEventListener("click", () => toggleVoice(String(id)));
+  paintVoiceButton(button);
+  return button;
+}
+
+function paintVoiceButton(button) {
+  const player = $("#voice-player");
+  const id = button.dataset.id;
+  const status = voice.loading === id ? "loading" : voice.id === id && !player.paused && !player.ended ? "playing" : "idle";
+  button.dataset.state = status;
+  button.textContent = { idle: "▶", loading: "", playing: "⏸" }[status];
+  button.setAttribute("aria-label", { idle: "朗读这条回复", loading: "语音加载中", playing: "暂停朗读" }[status]);
+  button.title = button.getAttribute("aria-label");
+  button.setAttribute("aria-busy", String(status === "loading"));
+}
+
+function paintVoiceButtons() {
+  for (const button of document.querySelectorAll(".voice-btn")) paintVoiceButton(button);
+}
+
+async function toggleVoice(id) {
+  const player = $("#voice-player");
+  if (voice.id === id && !player.paused && !player.ended) {
+    player.pause(); // ⏸: stop here; ▶ again goes on from where it stopped
+    return;
+  }
+  if (voice.loading === id) return;
+  showError("");
+  unlockPlayer(player);
+  let url = voice.clips.get(id);
+  if (!url) {
+    if (voice.id !== null && !player.paused) player.pause(); // one clip at a time, even while the next loads
+    voice.loading = id;
+    paintVoiceButtons();
+    try {
+      const res = await request(state.chatBase, `/chat/voice?message_id=${encodeURIComponent(id)}`, { auth: true });
+      const blob = await res.blob();
+      url = URL.createObjectURL(blob);
+      voice.clips.set(id, url);
+    } catch (err) {
+      if (voice.loading === id) voice.loading = null;
+      paintVoiceButtons();
+      handleError(err.name === "TypeError" ? new ApiError(0, "NetworkError", "语音下载失败，请稍后再试") : err);
+      return;
+    }
+    if (voice.loading !== id) return; // another reply was tapped meanwhile (or the user logged out)
+    voice.loading = null;
+  }
+  if (voice.id !== id) {
+    voice.id = id;
+    player.src = url;
+  }
+  try {
+    await player.play();
+  } catch (err) {
+    // AbortError: another clip was started before this one could. NotAllowedError: the browser wants a tap.
+    if (err.name === "NotAllowedError") showError("浏览器阻止了自动播放，请再点一次 ▶");
+    else if (err.name !== "AbortError") {
+      // Not audio this browser can play: fetched again on the next tap.
+      URL.revokeObjectURL(url);
+      voice.clips.delete(id);
+      voice.id = null;
+      showError("这段语音无法播放");
+    }
+  } finally {
+    paintVoiceButtons();
+  }
+}
+
+// iOS plays an <audio> from script only once a tap has started it: on the first tap, start it with silence.
+function unlockPlayer(player) {
+  if (voice.unlocked) return;
+  voice.unlocked = true;
+  if (player.src) return;
+  player.src = silentWav();
+  player.play().catch(() => {});
+}
+
+function silentWav() {
+  const samples = 800; // 0.1 s of 8-bit 8 kHz mono silence
+  const view = new DataView(new ArrayBuffer(44 + samples));
+  const ascii = (at, text) => [...text].forEach((c, i) => view.setUint8(at + i, c.charCodeAt(0)));
+  ascii(0, "RIFF");
+  view.setUint32(4, 36 + samples, true);
+  ascii(8, "WAVEfmt ");
+  view.setUint32(16, 16, true);
+  view.setUint16(20, 1, true); // PCM
+  view.setUint16(22, 1, true); // mono
+  view.setUint32(24, 8000, true);
+  view.setUint32(28, 8000, true);
+  view.setUint16(32, 1, true);
+  view.setUint16(34, 8, true);
+  ascii(36, "data");
+  view.setUint32(40, samples, true);
+  new Uint8Array(view.buffer, 44).fill(128);
+  return `data:audio/wav;base64,${btoa(String.fromCharCode(...new Uint8Array(view.buffer)))}`;
+}
+
+// Nothing plays any more; `forget` (logging out) also drops the clips kept for the page.
+function stopVoice({ forget = false } = {}) {
+  const player = $("#voice-player");
+  voice.loading = null;
+  if (!player.paused) player.pause();
+  if (forget) {
+    voice.id = null;
+    player.removeAttribute("src");
+    player.load();
+    for (const url of voice.clips.values()) URL.revokeObjectURL(url);
+    voice.clips.clear();
+  }
+  paintVoiceButtons();
 }
 
 // ---- the role's skills (chips above the composer; POST /chat/skill streams like a message) ----
@@ -929,7 +1474,28 @@ function onKeydown(event) {
 async function start() {
   $("#login-form").addEventListener("submit", login);
   $("#send-code-btn").addEventListener("click", sendCode);
-  $("#logout-btn").addEventListener("click", logout);
+  $("#password-form").addEventListener("submit", loginWithPassword);
+  $("#register-form").addEventListener("submit", register);
+  for (const tab of document.querySelectorAll("#login-tabs [role=tab]")) {
+    tab.addEventListener("click", () => {
+      clearMessages();
+      showLoginTab(tab.dataset.form);
+    });
+  }
+  $("#login-tabs").addEventListener("keydown", onTabKeydown);
+  $("#logout-btn").addEventListener("click", signOut);
+  $("#profile-btn").addEventListener("click", () => go("#/me"));
+  $("#profile-back").addEventListener("click", () => go("#/roles"));
+  $("#profile-form").addEventListener("submit", saveProfile);
+  $("#password-set-form").addEventListener("submit", setPassword);
+  $("#logout-here").addEventListener("click", signOut);
+  $("#logout-all").addEventListener("click", signOutEverywhere);
+  const player = $("#voice-player");
+  for (const type of ["play", "playing", "pause", "ended", "emptied"]) player.addEventListener(type, paintVoiceButtons);
+  player.addEventListener("error", () => {
+    if (voice.id !== null && player.getAttribute("src")) showError("这段语音无法播放");
+    paintVoiceButtons();
+  });
   $("#switch-role-btn").addEventListener("click", () => go("#/roles"));
   $("#clear-btn").addEventListener("click", clearChat);
   $("#conv-btn").addEventListener("click", () => ($("#chat-view").classList.contains("drawer-open") ? closeDrawer() : openDrawer()));
@@ -949,7 +1515,12 @@ async function start() {
   $("#skill-form").addEventListener("submit", submitSkillForm);
   $("#skill-cancel").addEventListener("click", closeSkillForm);
   window.addEventListener("hashchange", route);
+  // Logged out in another tab: here too.
+  window.addEventListener("storage", (event) => {
+    if ((event.key === TOKEN_KEY || event.key === null) && !localStorage.getItem(TOKEN_KEY) && state.token) logout();
+  });
   await loadConfig();
+  if (state.token && location.hash !== "#/me") loadMe(); // the name in the top bar as it is now (#/me loads it itself)
   await route();
   document.body.dataset.ready = "true";
 }
