@@ -4,11 +4,15 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint format venv schema clean bench bench-quick
+.PHONY: run test lint format venv schema clean bench bench-quick lock
 
-$(STAMP): requirements.txt requirements-dev.txt
+LOCKS := layers/deps/chat.lock layers/deps/login.lock
+
+$(STAMP): requirements.txt requirements-dev.txt $(LOCKS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	# The functions' locked dependencies first (hash-checked: the versions the layers ship), then the tools.
+	$(PY) -m pip install --quiet --disable-pip-version-check --require-hashes $(addprefix -r ,$(LOCKS))
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $(STAMP)
 
@@ -52,7 +56,7 @@ $(S_STAMP):
 		@microsoft/fetch-event-source@$(FES_VERSION)
 	touch $@
 
-# The two FC layer zips in build/layers/ (code: the aichat package; deps: requirements.txt for Python 3.10).
+# The FC layer zips in build/layers/: the aichat package, and each function's locked deps for Python 3.11.
 layer: $(STAMP)
 	$(PY) dev/build_layers.py
 
@@ -60,6 +64,12 @@ layer: $(STAMP)
 deploy: $(STAMP) tools
 	$(PY) dev/build_layers.py --publish
 	set -a && . build/layers/arns.env && set +a && $(S) deploy -y -a "$${AICHAT_DEPLOY_ACCESS:-default}"
+
+# Re-resolve each function's dependencies (layers/deps/*.in) into its hash lock; review the diff, then commit.
+lock: $(STAMP)
+	cd layers/deps && for f in chat login; do \
+		../../$(VENV)/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras \
+			--no-emit-index-url --no-emit-find-links --output-file $$f.lock $$f.in; done
 
 # Regenerate the operator-facing DDL from the migrations (a test checks they agree).
 schema: $(STAMP)

@@ -1,4 +1,5 @@
-"""Build the two FC layer zips reproducibly (`python dev/build_layers.py [--code-only] [--publish]`)."""
+"""Build the FC layer zips reproducibly (`python dev/build_layers.py [--code-only] [--publish]`): the code
+layer (the aichat package) and one dependency layer per function, installed from its hash-locked list."""
 
 from __future__ import annotations
 
@@ -18,24 +19,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE_DIR = ROOT / "layers" / "common" / "python" / "aichat"
 ROLES_FILE = ROOT / "template" / "roles.json"
-REQUIREMENTS = ROOT / "requirements.txt"
 DEFAULT_OUT = ROOT / "build" / "layers"
 CODE_ZIP = "aichat-code.zip"
-DEPS_ZIP = "aichat-deps.zip"
+# Each function gets only the dependencies it imports (chat: no Alibaba Cloud SDK), pinned with hashes.
+LOCKS = {"chat": ROOT / "layers" / "deps" / "chat.lock", "login": ROOT / "layers" / "deps" / "login.lock"}
+DEPS_ZIPS = {name: f"aichat-deps-{name}.zip" for name in LOCKS}
+DEPS_ARN_VARS = {name: f"AICHAT_DEPLOY_{name.upper()}_DEPS_LAYER_ARN" for name in LOCKS}
 
-# FC's custom.debian10 runtime: CPython 3.10 on Linux x86_64 with glibc 2.28.
-TARGET_PYTHON = "3.10"
-TARGET_ABI = "cp310"
-TARGET_PLATFORM = "manylinux2014_x86_64"
+# FC's custom.debian12 runtime: CPython 3.11 (/usr/bin/python3) on Linux x86_64 with glibc 2.36.
+TARGET_PYTHON = "3.11"
+TARGET_ABI = "cp311"
+# Debian 12 has glibc 2.36, so any manylinux wheel up to that loads; pip does not infer the older tags from
+# a newer one, so each is named (argon2-cffi-bindings 26 ships manylinux_2_26 only, for instance).
+TARGET_PLATFORMS = tuple(f"manylinux_2_{minor}_x86_64" for minor in (17, 26, 27, 28, 31, 34, 35, 36))
 TARGET_FLAGS = (
-    "--platform",
-    TARGET_PLATFORM,
+    *(flag for platform in ("manylinux2014_x86_64", *TARGET_PLATFORMS) for flag in ("--platform", platform)),
     "--python-version",
     TARGET_PYTHON,
     "--implementation",
     "cp",
 )
-COMPATIBLE_RUNTIME = "custom.debian10"
+COMPATIBLE_RUNTIME = "custom.debian12"
 PIP = (sys.executable, "-m", "pip", "--disable-pip-version-check")
 
 # The oldest date a zip can store: with it, a rebuild of the same files gives the same bytes.
@@ -103,60 +107,64 @@ def pip(*args: str) -> None:
     subprocess.run([*PIP, *args, "--quiet"], check=True)
 
 
-def resolve(report: Path, *extra: str) -> dict[str, str]:
-    """The distributions pip would install for requirements.txt, as canonical name -> version."""
-    pip("install", "--dry-run", "--ignore-installed", "--report", str(report), *extra, "-r", str(REQUIREMENTS))
-    data = json.loads(report.read_text())
-    return {canonical(i["metadata"]["name"]): i["metadata"]["version"] for i in data["install"]}
-
-
-def canonical(name: str) -> str:
-    """A distribution name in PEP 503 normal form."""
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def wheels_for_sdist_only(work: Path, wheelhouse: Path) -> dict[str, str]:
-    """Build pure-Python wheels for packages whose current release FC's Python can only get as an sdist.
-
-    A binary-only resolution would silently fall back to an older release of such a package (e.g.
-    alibabacloud-tea, published as sdist only), so the layer would differ from what the tests run.
-    """
-    current = resolve(work / "host.json")
-    binary_only = resolve(work / "target.json", *TARGET_FLAGS, "--only-binary=:all:")
-    built: dict[str, str] = {}
-    for name, version in sorted(current.items()):
-        # Same release either way, or a package Python 3.10 does not need at all.
-        if binary_only.get(name, version) == version:
+def lock_blocks(lock: Path) -> list[str]:
+    """The requirement entries of a pip-compile lock, each with its --hash lines (comments dropped)."""
+    blocks: list[str] = []
+    current: list[str] = []
+    for line in lock.read_text().splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
             continue
-        probe = work / "probe" / name
-        # --no-deps is what lets pip consider sdists while still checking Requires-Python for 3.10.
-        found = subprocess.run(
-            [*PIP, "download", "--quiet", "--no-deps", *TARGET_FLAGS, "-d", str(probe), f"{name}=={version}"],
+        if not line.startswith((" ", "\t")) and current:
+            blocks.append(" ".join(current))
+            current = []
+        current.append(stripped.rstrip("\\").strip())
+    if current:
+        blocks.append(" ".join(current))
+    return [block for block in blocks if "==" in block]
+
+
+def fetch_wheels(lock: Path, wheelhouse: Path, work: Path) -> None:
+    """Every locked distribution as a wheel for the target, each checked against its locked hashes.
+
+    A release published as an sdist only (alibabacloud-tea) is downloaded as that sdist (hash-checked)
+    and built into a pure-Python wheel; a build that is not pure fails: FC could not load it.
+    """
+    for index, block in enumerate(lock_blocks(lock)):
+        req = work / f"req-{index}.txt"
+        req.write_text(block + "\n")
+        binary = subprocess.run(
+            [
+                *PIP,
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--require-hashes",
+                "--only-binary=:all:",
+                *TARGET_FLAGS,
+                "-d",
+                str(wheelhouse),
+                "-r",
+                str(req),
+            ],
             capture_output=True,
             text=True,
         )
-        sdists = [p for p in probe.glob("*") if p.name.endswith((".tar.gz", ".zip"))] if probe.exists() else []
-        if found.returncode != 0 or not sdists:
-            print(f"  {name}: {version} does not fit Python {TARGET_PYTHON}; the layer gets {binary_only[name]}")
+        if binary.returncode == 0:
             continue
+        sdists = work / f"sdist-{index}"
+        pip("download", "--no-deps", "--require-hashes", "--no-binary=:all:", "-d", str(sdists), "-r", str(req))
         before = set(wheelhouse.glob("*.whl"))
-        pip("wheel", "--no-deps", "-w", str(wheelhouse), str(sdists[0]))
-        new = sorted(set(wheelhouse.glob("*.whl")) - before)
-        impure = [w.name for w in new if not PURE_WHEEL.search(w.name)]
+        for sdist in sorted(sdists.iterdir()):
+            pip("wheel", "--no-deps", "--no-build-isolation", "-w", str(wheelhouse), str(sdist))
+        impure = [w.name for w in set(wheelhouse.glob("*.whl")) - before if not PURE_WHEEL.search(w.name)]
         if impure:
-            for wheel in new:
-                wheel.unlink()
-            print(
-                f"  {name}: {version} builds a binary wheel ({', '.join(impure)}); the layer gets {binary_only[name]}"
-            )
-            continue
-        built[name] = version
-        print(f"  {name}: {version} is sdist-only; built a pure-Python wheel")
-    return built
+            raise BuildError(f"{block.split()[0]} has no wheel for Python {TARGET_PYTHON} and builds a binary one")
+        print(f"  {block.split()[0]}: sdist only; built a pure-Python wheel from the locked sdist")
 
 
 def check_target_abi(site: Path) -> None:
-    """Refuse a deps tree holding anything that cannot load in FC's CPython 3.10 on Linux x86_64."""
+    """Refuse a deps tree holding anything that cannot load in FC's CPython 3.11 on Linux x86_64."""
     problems: list[str] = []
     for wheel_meta in sorted(site.glob("*.dist-info/WHEEL")):
         tags = [
@@ -180,17 +188,17 @@ def check_target_abi(site: Path) -> None:
 
 
 def tag_fits(tag: str) -> bool:
-    """Whether a wheel tag (python-abi-platform, each part maybe a dotted set) loads in CPython 3.10 on x86_64."""
+    """Whether a wheel tag (python-abi-platform, each part maybe a dotted set) loads in CPython 3.11 on x86_64."""
     try:
         pythons, abis, platforms = (part.split(".") for part in tag.split("-"))
     except ValueError:
         return False
-    # glibc manylinux builds only: musllinux and plain linux_* wheels do not promise to load on Debian 10.
+    # glibc manylinux builds only: musllinux and plain linux_* wheels do not promise to load on Debian 12.
     if not any(p == "any" or (p.startswith("manylinux") and p.endswith("_x86_64")) for p in platforms):
         return False
     for python in pythons:
         for abi in abis:
-            if abi == "none" and python in ("py3", "py310", "cp310"):
+            if abi == "none" and python in ("py3", f"py{TARGET_ABI[2:]}", TARGET_ABI):
                 return True
             if abi == TARGET_ABI and python == TARGET_ABI:
                 return True
@@ -200,34 +208,47 @@ def tag_fits(tag: str) -> bool:
     return False
 
 
-def build_deps_layer(out: Path) -> Path:
-    """Install requirements.txt for FC's Python 3.10 (binary wheels only) and zip it as python/**."""
-    staging = out / "deps"
+def build_deps_layer(out: Path, function: str) -> Path:
+    """Install one function's locked dependencies for FC's Python 3.11 (wheels only) and zip them as python/**."""
+    staging = out / f"deps-{function}"
     site = staging / "python"
-    wheelhouse = out / "deps-wheels"
+    wheelhouse = out / f"deps-{function}-wheels"
     for path in (staging, wheelhouse):
         shutil.rmtree(path, ignore_errors=True)
     wheelhouse.mkdir(parents=True)
     with tempfile.TemporaryDirectory(prefix="aichat-deps-") as work:
-        wheels_for_sdist_only(Path(work), wheelhouse)
+        fetch_wheels(LOCKS[function], wheelhouse, Path(work))
+    wheels = sorted(str(w) for w in wheelhouse.glob("*.whl"))
+    # Every wheel is a locked, hash-checked file: installed as they are, nothing resolved again.
     pip(
         "install",
         "--no-compile",
+        "--no-deps",
+        "--no-index",
         "--target",
         str(site),
         *TARGET_FLAGS,
         "--only-binary=:all:",
-        "--find-links",
-        str(wheelhouse),
-        "-r",
-        str(REQUIREMENTS),
+        *wheels,
     )
     check_target_abi(site)
+    drop_install_paths(site)
     # Console scripts carry this machine's interpreter path in their shebang; FC runs `python -m gunicorn`.
     files = tree_files(site, "python", exclude_top=("bin",))
-    zip_path = out / DEPS_ZIP
+    zip_path = out / DEPS_ZIPS[function]
     write_zip(zip_path, files)
     return zip_path
+
+
+def drop_install_paths(site: Path) -> None:
+    """pip records where each wheel was installed from (direct_url.json, a temp path): not layer content,
+    and it would make two builds of the same locks differ."""
+    for marker in sorted(site.glob("*.dist-info/direct_url.json")):
+        record = marker.parent / "RECORD"
+        if record.exists():
+            kept = [line for line in record.read_text().splitlines() if "/direct_url.json," not in line]
+            record.write_text("\n".join(kept) + "\n")
+        marker.unlink()
 
 
 def sha256(path: Path) -> str:
@@ -275,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     """Build the code layer and (unless --code-only) the deps layer; optionally publish them."""
     parser = argparse.ArgumentParser(prog="python dev/build_layers.py", description=__doc__)
     parser.add_argument("--code-only", action="store_true", help="build only aichat-code.zip (fast, offline)")
+    parser.add_argument("--function", choices=sorted(LOCKS), help="build only this function's deps layer")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: build/layers)")
     parser.add_argument(
         "--publish",
@@ -286,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         zips = {"AICHAT_DEPLOY_CODE_LAYER_ARN": build_code_layer(out)}
         if not args.code_only:
-            zips["AICHAT_DEPLOY_DEPS_LAYER_ARN"] = build_deps_layer(out)
+            for function in [args.function] if args.function else LOCKS:
+                zips[DEPS_ARN_VARS[function]] = build_deps_layer(out, function)
         for path in zips.values():
             print(f"{path}  {path.stat().st_size} bytes  sha256 {sha256(path)}")
         if args.publish:

@@ -29,7 +29,7 @@ BUILD_LAYERS = ROOT / "dev" / "build_layers.py"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 FUNCTIONS = ("login", "chat")
-FC_PYTHON = "/var/fc/lang/python3.10/bin/python3"
+FC_PYTHON = "/usr/bin/python3"  # custom.debian12: Python 3.11
 LAYER_PYTHONPATH = "/opt/python"
 ROLES_IN_LAYER = "/opt/python/aichat/roles.json"
 SECRET_VARS = ("AICHAT_JWT_SECRET", "AICHAT_DB_URL", "AICHAT_LLM_API_KEY")
@@ -40,7 +40,8 @@ DUMMIES = {
     "AICHAT_DEPLOY_REGION": "cn-hangzhou",
     "AICHAT_DEPLOY_LOGIN_ROLE_ARN": "acs:ram::1234567890123456:role/aichat-login",
     "AICHAT_DEPLOY_CODE_LAYER_ARN": "acs:fc:cn-hangzhou:1234567890123456:layers/aichat-code/versions/7",
-    "AICHAT_DEPLOY_DEPS_LAYER_ARN": "acs:fc:cn-hangzhou:1234567890123456:layers/aichat-deps/versions/3",
+    "AICHAT_DEPLOY_CHAT_DEPS_LAYER_ARN": "acs:fc:cn-hangzhou:1234567890123456:layers/aichat-deps-chat/versions/3",
+    "AICHAT_DEPLOY_LOGIN_DEPS_LAYER_ARN": "acs:fc:cn-hangzhou:1234567890123456:layers/aichat-deps-login/versions/4",
     "AICHAT_DB_URL": "mysql://aichat:dummy-password@rm-dummy.mysql.rds.aliyuncs.com:3306/aichat",
     "AICHAT_JWT_SECRET": "dummy-jwt-secret-" + "x" * 40,
     "AICHAT_SMS_SIGN_NAME": "测试签名",
@@ -177,7 +178,7 @@ def test_props_match_the_fc3_schema(request, fixture, function):
 @pytest.mark.parametrize("function", FUNCTIONS)
 def test_web_function_shape(rendered, function):
     props = props_of(rendered, function)
-    assert props["runtime"] == "custom.debian10"
+    assert props["runtime"] == "custom.debian12"  # its Python 3.11 is supported (3.10's life ended 2026-10)
     assert props["functionName"] == f"aichat-{function}"
     assert props["region"] == DUMMIES["AICHAT_DEPLOY_REGION"]
     code = ROOT / props["code"]
@@ -187,8 +188,9 @@ def test_web_function_shape(rendered, function):
     assert runtime["port"] == 9000
     env = env_of(rendered, function)
     assert env["PYTHONPATH"] == LAYER_PYTHONPATH
-    assert env["PATH"].split(":")[0] == str(Path(FC_PYTHON).parent)
-    assert props["layers"] == [DUMMIES["AICHAT_DEPLOY_CODE_LAYER_ARN"], DUMMIES["AICHAT_DEPLOY_DEPS_LAYER_ARN"]]
+    assert str(Path(FC_PYTHON).parent) in env["PATH"].split(":")
+    deps = DUMMIES[f"AICHAT_DEPLOY_{function.upper()}_DEPS_LAYER_ARN"]
+    assert props["layers"] == [DUMMIES["AICHAT_DEPLOY_CODE_LAYER_ARN"], deps]  # each function its own deps
 
 
 @pytest.mark.parametrize("function", FUNCTIONS)
@@ -200,7 +202,7 @@ def test_start_command_is_the_local_one(rendered, function, monkeypatch):
     run.serve(function, 9999, {})
     ((local_argv, local_cwd),) = started
     runtime = props_of(rendered, function)["customRuntimeConfig"]
-    # Same module, config and app strings as `make run`; only the interpreter is FC's Python 3.10.
+    # Same module, config and app strings as `make run`; only the interpreter is the runtime's Python 3.11.
     assert runtime["command"] + runtime["args"] == [FC_PYTHON, *local_argv[1:]]
     assert Path(local_cwd).resolve() == (ROOT / props_of(rendered, function)["code"]).resolve()
 
@@ -309,7 +311,13 @@ def test_secrets_only_come_from_the_environment(rendered):
 def test_required_values_have_no_defaults():
     names = env_names()
     assert set(names) <= set(FULL_DUMMIES), "give every value s.yaml reads a dummy in FULL_DUMMIES"
-    for name in (*SECRET_VARS, "AICHAT_DEPLOY_REGION", "AICHAT_DEPLOY_CODE_LAYER_ARN", "AICHAT_DEPLOY_DEPS_LAYER_ARN"):
+    for name in (
+        *SECRET_VARS,
+        "AICHAT_DEPLOY_REGION",
+        "AICHAT_DEPLOY_CODE_LAYER_ARN",
+        "AICHAT_DEPLOY_CHAT_DEPS_LAYER_ARN",
+        "AICHAT_DEPLOY_LOGIN_DEPS_LAYER_ARN",
+    ):
         assert names.get(name) is False, f"{name} must be ${{env('{name}')}} with no default"
 
 
@@ -353,14 +361,16 @@ def test_code_layer_is_reproducible(code_layer, tmp_path):
     [
         ("py3-none-any", True),
         ("py2.py3-none-any", True),
-        ("cp310-cp310-manylinux_2_17_x86_64.manylinux2014_x86_64", True),
+        ("cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64", True),
         ("cp39-abi3-manylinux2014_x86_64", True),
-        ("cp311-cp311-manylinux2014_x86_64", False),
+        ("cp310-abi3-manylinux_2_26_x86_64.manylinux_2_28_x86_64", True),
+        ("cp310-cp310-manylinux2014_x86_64", False),
+        ("cp312-cp312-manylinux2014_x86_64", False),
         ("cp312-abi3-manylinux2014_x86_64", False),
-        ("cp310-cp310-manylinux2014_aarch64", False),
-        ("cp310-cp310-musllinux_1_2_x86_64", False),
-        ("cp310-cp310-macosx_11_0_arm64", False),
-        ("cp310-cp310-win_amd64", False),
+        ("cp311-cp311-manylinux2014_aarch64", False),
+        ("cp311-cp311-musllinux_1_2_x86_64", False),
+        ("cp311-cp311-macosx_11_0_arm64", False),
+        ("cp311-cp311-win_amd64", False),
     ],
 )
 def test_wheel_tags_for_fc(tag, fits):
@@ -375,21 +385,21 @@ def elf(machine: int) -> bytes:
 def test_deps_check_refuses_foreign_binaries(tmp_path):
     good = tmp_path / "good"
     (good / "ok-1.0.dist-info").mkdir(parents=True)
-    (good / "ok-1.0.dist-info" / "WHEEL").write_text("Wheel-Version: 1.0\nTag: cp310-cp310-manylinux2014_x86_64\n")
+    (good / "ok-1.0.dist-info" / "WHEEL").write_text("Wheel-Version: 1.0\nTag: cp311-cp311-manylinux2014_x86_64\n")
     (good / "ok").mkdir()
-    (good / "ok" / "_speedups.cpython-310-x86_64-linux-gnu.so").write_bytes(elf(62))
+    (good / "ok" / "_speedups.cpython-311-x86_64-linux-gnu.so").write_bytes(elf(62))
     (good / "ok" / "_rust.abi3.so").write_bytes(elf(62))
     layers_tool.check_target_abi(good)
 
     bad = tmp_path / "bad"
     shutil.copytree(good, bad)
-    (bad / "ok-1.0.dist-info" / "WHEEL").write_text("Wheel-Version: 1.0\nTag: cp311-cp311-manylinux2014_x86_64\n")
-    (bad / "ok" / "_speedups.cpython-311-x86_64-linux-gnu.so").write_bytes(elf(62))
+    (bad / "ok-1.0.dist-info" / "WHEEL").write_text("Wheel-Version: 1.0\nTag: cp312-cp312-manylinux2014_x86_64\n")
+    (bad / "ok" / "_speedups.cpython-312-x86_64-linux-gnu.so").write_bytes(elf(62))
     (bad / "ok" / "_arm.abi3.so").write_bytes(elf(183))
     with pytest.raises(layers_tool.BuildError) as caught:
         layers_tool.check_target_abi(bad)
     message = str(caught.value)
-    assert "ok-1.0.dist-info" in message and "cpython-311" in message and "_arm.abi3.so" in message
+    assert "ok-1.0.dist-info" in message and "cpython-312" in message and "_arm.abi3.so" in message
 
 
 FAKE_S = """#!{python}
@@ -408,24 +418,24 @@ def test_publish_records_layer_arns_once(code_layer, tmp_path, monkeypatch):
     fake = tmp_path / "s"
     fake.write_text(FAKE_S.format(python=sys.executable, calls=str(calls)))
     fake.chmod(0o755)
-    deps = tmp_path / "aichat-deps.zip"
+    deps = tmp_path / "aichat-deps-chat.zip"
     deps.write_bytes(b"not really a zip")
     monkeypatch.setenv("S_CLI", str(fake))
     monkeypatch.setenv("AICHAT_DEPLOY_REGION", "cn-shanghai")
     monkeypatch.setenv("AICHAT_DEPLOY_PREFIX", "aichat-staging")
-    zips = {"AICHAT_DEPLOY_CODE_LAYER_ARN": code_layer, "AICHAT_DEPLOY_DEPS_LAYER_ARN": deps}
+    zips = {"AICHAT_DEPLOY_CODE_LAYER_ARN": code_layer, "AICHAT_DEPLOY_CHAT_DEPS_LAYER_ARN": deps}
 
     arns = layers_tool.publish(zips, tmp_path)
     assert arns == {
         "AICHAT_DEPLOY_CODE_LAYER_ARN": "acs:fc:cn-shanghai:1234567890:layers/aichat-staging-code/versions/9",
-        "AICHAT_DEPLOY_DEPS_LAYER_ARN": "acs:fc:cn-shanghai:1234567890:layers/aichat-staging-deps/versions/9",
+        "AICHAT_DEPLOY_CHAT_DEPS_LAYER_ARN": "acs:fc:cn-shanghai:1234567890:layers/aichat-staging-deps-chat/versions/9",
     }
     assert (tmp_path / "arns.env").read_text() == "".join(f"{k}={v}\n" for k, v in sorted(arns.items()))
     first = [json.loads(line) for line in calls.read_text().splitlines()]
     assert [call[:4] for call in first] == [["cli", "fc3", "layer", "publish"]] * 2
     for call, zip_path in zip(first, zips.values(), strict=True):
         assert call[call.index("--code") + 1] == str(zip_path)
-        assert call[call.index("--compatible-runtime") + 1] == "custom.debian10"
+        assert call[call.index("--compatible-runtime") + 1] == "custom.debian12"
         assert call[call.index("--region") + 1] == "cn-shanghai"
     # The same bytes are not published again: the ledger answers.
     assert layers_tool.publish(zips, tmp_path) == arns
@@ -511,12 +521,63 @@ def test_health_check_and_hooks_are_served(imported, rendered, function):
 
 
 @pytest.mark.skipif(
+    os.environ.get("AICHAT_TEST_DEPS_LAYER") != "1" and not IN_CI,
+    reason="set AICHAT_TEST_DEPS_LAYER=1 (builds both deps layers from the locks, ~1.5 min; CI always does)",
+)
+def test_the_layers_as_built_serve_on_the_runtimes_python(tmp_path):
+    """`make layer`'s zips, unzipped as FC mounts them, run the functions on this Python 3.11 with nothing
+    else on the path (-S: no site-packages, so not the test venv): what ships is what was tested."""
+    result = build_layers("--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sys.version_info[:2] == (3, 11)  # the runtime's minor version (custom.debian12)
+    for function in FUNCTIONS:
+        opt = tmp_path / function
+        for name in ("aichat-code.zip", f"aichat-deps-{function}.zip"):
+            with zipfile.ZipFile(tmp_path / "out" / name) as archive:
+                archive.extractall(opt)
+        names = {p.name.split(".")[0] for p in (opt / "python").iterdir()}
+        assert ("alibabacloud_dysmsapi20170525" in names) is (function == "login")  # chat ships no SDK
+        assert "argon2" in names if function == "login" else "lameenc" in names
+        env = {
+            "PATH": os.environ["PATH"],
+            "PYTHONPATH": str(opt / "python"),
+            "AICHAT_ENV": "test",
+            "AICHAT_JWT_SECRET": "x" * 40,
+            "AICHAT_DB_URL": f"sqlite:///{tmp_path / function}.db",
+            "AICHAT_ROLES_FILE": str(opt / "python" / "aichat" / "roles.json"),
+        }
+        probe = (
+            "import json, sys\nimport app\nclient = app.app.test_client()\n"
+            f"path = {'/health' if function == 'login' else '/chat/roles'!r}\n"
+            "print(json.dumps({'python': list(sys.version_info[:2]), 'status': client.get(path).status_code,"
+            " 'sdk': any(m.startswith('alibabacloud') for m in sys.modules)}))"
+        )
+        run = subprocess.run(
+            [sys.executable, "-S", "-c", probe],
+            cwd=ROOT / "functions" / function,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+        answer = json.loads(run.stdout.strip().splitlines()[-1])
+        assert answer == {"python": [3, 11], "status": 200, "sdk": False}, answer
+    # The same locks give the same bytes again.
+    again = build_layers("--out", str(tmp_path / "again"))
+    assert again.returncode == 0
+    for name in ("aichat-code.zip", "aichat-deps-chat.zip", "aichat-deps-login.zip"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "again" / name).read_bytes(), name
+
+
+@pytest.mark.skipif(
     os.environ.get("AICHAT_TEST_DEPS_LAYER") != "1", reason="set AICHAT_TEST_DEPS_LAYER=1 (network, ~1 min)"
 )
 def test_deps_layer_builds_for_fc(tmp_path):
     result = build_layers("--out", str(tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr
-    with zipfile.ZipFile(tmp_path / "aichat-deps.zip") as archive:
+    with zipfile.ZipFile(tmp_path / "aichat-deps-login.zip") as archive:
         names = archive.namelist()
     tops = {n.split("/")[1] for n in names if n.count("/") >= 2}
     for package in ("flask", "gunicorn", "jwt", "pymysql", "requests", "urllib3", "alibabacloud_dysmsapi20170525"):
