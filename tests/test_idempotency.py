@@ -216,3 +216,17 @@ def test_a_retrying_sse_library_stores_one_message(user, fake_llm):
     answer = json.loads(result.stdout)
     assert answer["statuses"] == [200] * 3 and answer["texts"] == ["只存一次"] * 3
     assert len(fake_llm.requests) == 2 and len(history(user)) == 3
+
+
+def test_a_send_whose_answer_was_not_recorded_is_rebuilt_from_the_stored_reply(user, fake_llm, db_url):
+    from tests.test_accounts import execute
+
+    k = key()
+    fake_llm.enqueue(chunks=["存", "好了"], usage={"prompt_tokens": 5, "completion_tokens": 2})
+    first = user.post("/chat/send", {"role_code": "naitang", "message": "重建"}, headers={"Idempotency-Key": k}).json()
+    execute(db_url, "UPDATE idempotency_keys SET response = NULL WHERE idem_key = ?", (k,))  # as if lost
+    again = user.post("/chat/send", {"role_code": "naitang", "message": "重建"}, headers={"Idempotency-Key": k}).json()
+    for name in ("id", "sender_role", "content", "has_image", "is_partial", "created_at"):
+        assert again["message"][name] == first["message"][name], name
+    assert again["message"]["usage"] == {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+    assert again["user_message_id"] == first["user_message_id"] and len(fake_llm.requests) == 1

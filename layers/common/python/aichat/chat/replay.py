@@ -43,7 +43,7 @@ def frames(replay: Replay, reply: dict[str, Any] | None, *, model: str, role_cod
         )
         yield DONE_FRAME
         return
-    usage = _usage(reply)
+    usage = usage_of(reply)
     done = {
         "type": "done",
         "message_id": message_id,
@@ -73,7 +73,8 @@ def _text_frame(model: str, text: str) -> bytes:
     )
 
 
-def _usage(reply: dict[str, Any] | None) -> dict[str, int] | None:
+def usage_of(reply: dict[str, Any] | None) -> dict[str, int] | None:
+    """A stored reply's token counts as the usage object (None when the upstream reported none)."""
     if not reply or reply.get("prompt_tokens") is None:
         return None
     prompt, completion = int(reply["prompt_tokens"]), int(reply.get("completion_tokens") or 0)

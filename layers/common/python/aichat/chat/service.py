@@ -26,7 +26,7 @@ from .relay import StreamRelay
 from .roles import Role, RoleCatalog
 from .spool import Spool
 from .targets import check_role, resolve
-from .tooluse import TOOL_GUIDANCE, ToolRounds, public_trace
+from .tooluse import TOOL_GUIDANCE, ToolRounds, parse_trace, public_trace
 from .turn import Reply, Turn, TurnPolicy
 
 log = logging.getLogger("aichat.chat")
@@ -350,6 +350,11 @@ class ChatService:
         message = {name: row[name] for name in ("id", "sender_role", "content", "has_image")}
         message.update(is_partial=bool(row["is_partial"]), created_at=format_time(row["created_at"], self.settings))
         message["has_image"] = bool(message["has_image"])
+        if row.get("reasoning_content"):
+            message["reasoning_content"] = row["reasoning_content"]
+        if row.get("tool_calls"):
+            message["tools"] = public_trace(parse_trace(row["tool_calls"]))
+        message["usage"] = replay.usage_of(row)
         return {
             "success": True,
             "message": message,

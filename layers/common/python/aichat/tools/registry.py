@@ -42,7 +42,7 @@ TIME_PARAMETERS = {
         "timezone": {
             "type": "string",
             "maxLength": 64,
-            "pattern": r"[A-Za-z_+\-/0-9]+",
+            "pattern": r"^[A-Za-z_+\-/0-9]+$",
             "description": "IANA 时区名，例如 Asia/Shanghai；默认服务所在时区",
         },
     },
