@@ -71,6 +71,7 @@ FULL_DUMMIES = {
     "AICHAT_DEPLOY_CHAT_ROLE_ARN": "acs:ram::1234567890123456:role/aichat-chat-dummy",
     "AICHAT_OSS_BUCKET": "aichat-voice-dummy",
     "AICHAT_TTS_PROVIDER": "cosyvoice",
+    "AICHAT_REDIS_URL": "rediss://:dummy-password@r-dummy.redis.rds.aliyuncs.com:6380/0",
 }
 ENV_CALL = re.compile(r"""env\(\s*['"]([A-Za-z0-9_]+)['"]\s*(,)?""")
 

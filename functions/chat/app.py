@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-from aichat import llm, tokens
+from aichat import fastpath, llm, tokens
 from aichat.chat.conversation_api import ConversationApi
 from aichat.chat.history import History
 from aichat.chat.roles import RoleCatalog
@@ -40,7 +40,13 @@ def build_app(
         read_timeout_s=settings.llm_read_timeout_s,
     )
     voice = voice or Voice(settings, db, roles)
-    chat = ChatService(settings, db, roles, client, tools=tools, on_removed=voice.forget_removed)
+    redis = fastpath.build(settings)
+    limiter = None
+    if redis is not None:
+        from aichat.chat.redis_limits import RedisChatLimiter
+
+        limiter = RedisChatLimiter(settings, db, redis)
+    chat = ChatService(settings, db, roles, client, limiter=limiter, tools=tools, on_removed=voice.forget_removed)
     history = History(settings, db, roles, on_removed=voice.forget_removed)
     threads = ConversationApi(settings, db, roles, on_removed=voice.forget_removed)
     skills = SkillsApi(settings, db, roles, tools)
@@ -140,6 +146,8 @@ def build_app(
         db.warm()
         tokens.preload()
         llm.preload()
+        if redis is not None:
+            redis.warm()
 
     routes = [
         Route("chat_roles", "GET", "/chat/roles", "none", chat_roles),
@@ -169,7 +177,7 @@ def build_app(
         routes=routes,
         settings=settings,
         body_limit=settings.chat_body_limit,
-        token_is_live=partial(tokens.token_is_live, db),
+        token_is_live=partial(tokens.token_is_live, db, redis=redis),
         on_initialize=initialize,
         on_pre_stop=db.close_idle,
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-from aichat import chat, tokens, tools
+from aichat import chat, fastpath, tokens, tools
 from aichat.accounts import passwords
 from aichat.accounts.passwords_api import PasswordAccounts
 from aichat.accounts.service import Accounts
@@ -21,6 +21,7 @@ def build_app(settings: Settings | None = None, *, sms: Any = None, db: Any = No
     """LoginService's app: from the environment on FC, from the given settings and clients in tests."""
     settings = settings or load_settings(service="login")
     db = db or open_database(settings)
+    redis = fastpath.build(settings)
     # Deleting an account erases what ChatService stored too (its feature's own delete_for_user).
     accounts = Accounts(
         settings,
@@ -92,6 +93,8 @@ def build_app(settings: Settings | None = None, *, sms: Any = None, db: Any = No
         db.warm()
         tokens.preload()
         passwords.preload()
+        if redis is not None:
+            redis.warm()
 
     routes = [
         Route("login_health", "GET", "/health", "none", login_health),
@@ -115,7 +118,7 @@ def build_app(settings: Settings | None = None, *, sms: Any = None, db: Any = No
         routes=routes,
         settings=settings,
         body_limit=settings.login_body_limit,
-        token_is_live=partial(tokens.token_is_live, db),
+        token_is_live=partial(tokens.token_is_live, db, redis=redis),
         on_initialize=initialize,
         on_pre_stop=db.close_idle,
     )

@@ -128,6 +128,10 @@ class Settings:
     sse_heartbeat_s: float = 15.0
     # The most a request (not a stream) waits on the database in all, over all its statements.
     db_request_budget_s: float = 10.0
+    # Redis for the hot path (token liveness, chat limits and slots); empty: everything in the database.
+    redis_url: str = field(default="", repr=False)
+    redis_timeout_s: float = 0.25  # every Redis call's bound; past it the database answers
+    redis_prefix: str = "aichat:"
     # How long an idempotency key of a send is remembered (a repeat within it is the first request's answer).
     idempotency_ttl_s: int = 86_400
 
@@ -226,6 +230,8 @@ class Settings:
             raise ConfigError("AICHAT_OSS_ENDPOINT must be an http(s) URL")
         if not self.dashscope_base_url.startswith(("https://", "http://")):
             raise ConfigError("AICHAT_DASHSCOPE_BASE_URL must be an http(s) URL")
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError("AICHAT_REDIS_URL must start with redis://, rediss:// (TLS) or unix://")
         if self.tool_max_rounds > 10:
             raise ConfigError("AICHAT_TOOL_MAX_ROUNDS must be at most 10")
         for origin in self.cors_origins:
@@ -265,6 +271,7 @@ class Settings:
             "sse_heartbeat_s",
             "db_request_budget_s",
             "idempotency_ttl_s",
+            "redis_timeout_s",
             "tool_timeout_s",
             "tool_max_rounds",
             "tool_output_max_chars",
@@ -387,6 +394,9 @@ ENV_VARS: dict[str, tuple[str, object]] = {
     "AICHAT_SSE_HEARTBEAT": ("sse_heartbeat_s", float),
     "AICHAT_DB_REQUEST_BUDGET": ("db_request_budget_s", float),
     "AICHAT_IDEMPOTENCY_TTL": ("idempotency_ttl_s", int),
+    "AICHAT_REDIS_URL": ("redis_url", str),
+    "AICHAT_REDIS_TIMEOUT": ("redis_timeout_s", float),
+    "AICHAT_REDIS_PREFIX": ("redis_prefix", str),
     "AICHAT_TOOLS": ("tools_enabled", _flag),
     "AICHAT_TOOL_TIMEOUT": ("tool_timeout_s", float),
     "AICHAT_TOOL_MAX_ROUNDS": ("tool_max_rounds", int),

@@ -5,6 +5,7 @@ Both services use this module: LoginService issues and revokes, both check that 
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 import uuid
@@ -69,9 +70,33 @@ def preload() -> None:
 TOUCH_EVERY_MS = 300_000
 
 
-def token_is_live(db: Database, claims: dict[str, Any]) -> bool:
+# With Redis, a token found live is remembered this long: a revocation reaches every instance within it,
+# and the database sees at most one liveness query per token per this period across all instances.
+LIVE_CACHE_MS = 1000
+
+
+def token_is_live(db: Database, claims: dict[str, Any], redis: Any = None) -> bool:
     """Whether a verified token still counts (one query): its user exists, it was not revoked, and its
-    session was not ended (a token without a session: it was issued after the user last ended them all)."""
+    session was not ended (a token without a session: it was issued after the user last ended them all).
+    With Redis (optional), a live answer is cached for LIVE_CACHE_MS; Redis down: the database answers."""
+    if redis is None:
+        return _live_in_db(db, claims)
+    from .fastpath import RedisUnavailable
+
+    key = redis.key("live", str(claims.get("jti") or f"{claims['sub']}:{claims.get('iat')}")[:64])
+    try:
+        if redis.run(lambda r: r.get(key)) == "1":
+            return True
+    except RedisUnavailable:
+        return _live_in_db(db, claims)
+    live = _live_in_db(db, claims)
+    if live:
+        with contextlib.suppress(RedisUnavailable):
+            redis.run(lambda r: r.set(key, "1", px=LIVE_CACHE_MS))
+    return live
+
+
+def _live_in_db(db: Database, claims: dict[str, Any]) -> bool:
     jti = claims.get("jti") if isinstance(claims.get("jti"), str) else ""
     sid = claims.get("sid") if isinstance(claims.get("sid"), str) else ""
     row = db.read(
