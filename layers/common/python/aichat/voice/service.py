@@ -6,16 +6,19 @@ import hashlib
 import logging
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import Settings
 from ..errors import ApiError
 from ..fc import Credentials
 from ..store import Database, now_ms
 from . import audio, clips, text
-from .store import LocalStore, OssStore
 from .tts import DEFAULT_MODELS, TtsClient
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .store import LocalStore, OssStore
 
 log = logging.getLogger("aichat.voice")
 
@@ -27,6 +30,8 @@ STALE_MS = 120_000
 
 def build_store(settings: Settings) -> LocalStore | OssStore:
     """The audio store the settings name."""
+    from .store import LocalStore, OssStore
+
     if settings.audio_store == "oss":
         from .oss import OssClient
 
@@ -67,8 +72,15 @@ class Voice:
             connect_timeout_s=settings.tts_connect_timeout_s,
             read_timeout_s=settings.tts_read_timeout_s,
         )
-        self.store = store or build_store(settings)
+        self._store = store
         self._pool: ThreadPoolExecutor | None = None
+
+    @property
+    def store(self) -> LocalStore | OssStore:
+        """The audio store, built on first use (its modules stay out of the cold start)."""
+        if self._store is None:
+            self._store = build_store(self.settings)
+        return self._store
 
     # -- the operation --------------------------------------------------------------------------------
     def clip(self, uid: str, message_id: int, creds: Credentials | None) -> tuple[str, Any]:
@@ -87,7 +99,7 @@ class Voice:
         digest = hashlib.sha256(f"{self.tts.provider}|{self.tts.model}|{voice}|{spoken}".encode()).hexdigest()[:32]
         key = f"{uid}/{message_id}-{digest[:16]}.mp3"
         creds = creds or env_credentials(self.settings)
-        if isinstance(self.store, OssStore) and creds is None:
+        if self.store.kind == "oss" and creds is None:
             raise ApiError("InternalError", "音频存储没有可用的凭证")
         for _ in range(2):  # a second round when the clip we waited for was given up by its maker
             made = self._made_or_claimed(uid, message_id, voice, digest, key, chars=len(spoken))
@@ -173,7 +185,7 @@ class Voice:
                 "ms": int((time.monotonic() - started) * 1000),
             },
         )
-        if isinstance(self.store, OssStore):
+        if self.store.kind == "oss":
             return "redirect", self.store.url(key, creds)  # type: ignore[arg-type]
         return "bytes", (mp3, digest)
 
@@ -190,7 +202,7 @@ class Voice:
         return False
 
     def _serve(self, key: str, digest: str, creds: Credentials | None) -> tuple[str, Any] | None:
-        if isinstance(self.store, OssStore):
+        if self.store.kind == "oss":
             return "redirect", self.store.url(key, creds)  # type: ignore[arg-type]
         data = self.store.read(key)
         if data is None:
@@ -200,6 +212,8 @@ class Voice:
         return "bytes", (data, digest)
 
     def _executor(self) -> ThreadPoolExecutor:
+        from concurrent.futures import ThreadPoolExecutor
+
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=self.settings.tts_parallel, thread_name_prefix="tts")
         return self._pool
