@@ -691,7 +691,7 @@ def test_the_finished_round_is_closed():
     assert first.closed and t.upstream is second
 
 
-def test_round_messages_and_replay():  # U3 U4 U5
+def test_round_messages_and_replay():
     msgs = round_messages([{"id": "a", "name": "n", "arguments": ""}], [{"result": "r"}])
     assert msgs[0]["tool_calls"][0]["function"]["arguments"] == "{}"
     trace = [
@@ -702,7 +702,7 @@ def test_round_messages_and_replay():  # U3 U4 U5
     assert parse_trace(json.dumps([{"name": "x"}, {"tool_call_id": "a"}, *trace])) == trace
 
 
-def test_public_trace_keeps_a_failure():  # U6
+def test_public_trace_keeps_a_failure():
     assert public_trace([{"tool_call_id": "a", "name": "x", "ok": False}])[0]["ok"] is False
 
 
@@ -714,7 +714,7 @@ def _rows(result_chars=10):
     ]
 
 
-def test_context_replays_traces_only_with_tools_and_charges_them():  # C1 C2
+def test_context_replays_traces_only_with_tools_and_charges_them():
     kw = dict(system_prompt="s", opening_message="", turn={"role": "user", "content": "t"}, reserve_tokens=0)
     plain = build_messages(history=_rows(), context_tokens=1000, with_tools=False, **kw)
     assert "tool" not in [m["role"] for m in plain]
@@ -722,7 +722,7 @@ def test_context_replays_traces_only_with_tools_and_charges_them():  # C1 C2
     assert [m["role"] for m in big] == ["system", "user"]  # the unit does not fit: the reply goes with its trace
 
 
-def test_model_content_is_capped():  # B6
+def test_model_content_is_capped():
     text = model_content(True, {"data": "x" * 500}, 100)
     assert len(text) <= 100 and text.endswith("…[truncated]")
 
@@ -730,14 +730,14 @@ def test_model_content_is_capped():  # B6
 # -- over HTTP ----------------------------------------------------------------------------------------
 
 
-def test_payload_flags(tuser, fake_llm):  # S3 U2
+def test_payload_flags(tuser, fake_llm):
     fake_llm.enqueue(tool_calls=[{"name": "get_current_time", "arguments": {}}])
     fake_llm.enqueue(text="好。")
     turn(tuser, {"role_code": "wanqing", "message": "几点"})
     assert fake_llm.requests[0]["body"]["parallel_tool_calls"] is True
 
 
-def test_final_round_drops_parallel(chat_app, fake_llm, fake_tools, new_user):  # U2
+def test_final_round_drops_parallel(chat_app, fake_llm, fake_tools, new_user):
     client = AppClient(tool_app(chat_app, fake_tools, tool_max_rounds=1), token=new_user()[1])
     fake_llm.enqueue(tool_calls=[{"name": "get_current_time", "arguments": {}}])
     fake_llm.enqueue(text="好的。")
@@ -745,7 +745,7 @@ def test_final_round_drops_parallel(chat_app, fake_llm, fake_tools, new_user):  
     assert "parallel_tool_calls" not in fake_llm.requests[1]["body"]
 
 
-def test_image_turn_no_search(tuser, fake_llm):  # S4
+def test_image_turn_no_search(tuser, fake_llm):
     import base64
 
     from tests.helpers import png_header, read_stream
@@ -757,12 +757,12 @@ def test_image_turn_no_search(tuser, fake_llm):  # S4
     assert "enable_search" not in fake_llm.requests[0]["body"]
 
 
-def test_skill_arguments_as_json_text_are_refused(tuser):  # S5
+def test_skill_arguments_as_json_text_are_refused(tuser):
     body = {"role_code": "wanqing", "skill_code": "stargazing", "arguments": '{"city": "北京"}'}
     assert_error(tuser.post("/chat/skill", body), 400, "InvalidInput")
 
 
-def test_schema_bounds(tuser, fake_tools):  # B3 B4 B5
+def test_schema_bounds(tuser, fake_tools):
     ex = "/chat/tool/execute"
     assert_error(tuser.post(ex, {"name": "get_hot_news", "arguments": {"limit": 21}}), 400, "InvalidInput")
     assert_error(tuser.post(ex, {"name": "get_hot_news", "arguments": {"limit": 3, "foo": 1}}), 400, "InvalidInput")
@@ -770,28 +770,28 @@ def test_schema_bounds(tuser, fake_tools):  # B3 B4 B5
     assert res.status_code == 502 and "找不到城市" in res.json()["message"]  # 40 chars is allowed through
 
 
-def test_a_tool_outside_the_roles_skills_is_not_run(tuser, fake_llm, fake_tools):  # R1
+def test_a_tool_outside_the_roles_skills_is_not_run(tuser, fake_llm, fake_tools):
     fake_llm.enqueue(tool_calls=[{"name": "get_weather", "arguments": {"city": "杭州"}}])
     fake_llm.enqueue(text="嗯。")
     frames = turn(tuser, {"role_code": "naitang", "message": WEATHER_Q})
     assert x_events(frames, "tool.end")[0]["display"] == "未知的工具" and fake_tools.count("/v3/") == 0
 
 
-def test_failure_in_history(tuser, fake_llm):  # U6 (HTTP)
+def test_failure_in_history(tuser, fake_llm):
     fake_llm.enqueue(tool_calls=[{"name": "launch_rockets", "arguments": {}}])
     turn(tuser, {"role_code": "wanqing", "message": "hi"})
     res = tuser.get("/chat/history", params={"role_code": "wanqing", "include_tools": "1"})
     assert res.json()["messages"][-1]["tools"][0]["ok"] is False
 
 
-def test_qweather_body_code(chat_app, fake_tools, new_user):  # W3
+def test_qweather_body_code(chat_app, fake_tools, new_user):
     client = AppClient(tool_app(chat_app, fake_tools, weather_provider="qweather"), token=new_user()[1])
     fake_tools.fail("/v7/weather/now", body={"code": "402"})
     res = client.post("/chat/tool/execute", {"name": "get_weather", "arguments": {"city": "广州"}})
     assert "402" in assert_error(res, 502, "ToolFailed")["message"]
 
 
-def test_fresh_news_cache_no_refresh(chat_app, fake_tools, new_user):  # N2
+def test_fresh_news_cache_no_refresh(chat_app, fake_tools, new_user):
     client = AppClient(tool_app(chat_app, fake_tools), token=new_user()[1])
     client.post("/chat/tool/execute", {"name": "get_hot_news"})
     client.post("/chat/tool/execute", {"name": "get_hot_news"})

@@ -14,19 +14,19 @@ from ..config import Settings
 from ..errors import ApiError
 from ..llm import LlmClient
 from ..store import Database, Tx
-from ..tools.base import WEB_SEARCH, InvalidArguments, ToolContext, parse_arguments
+from ..tools.base import InvalidArguments, ToolContext, parse_arguments
 from ..tools.registry import ToolRegistry
-from . import conversations, idempotency, input, messages, replay
-from .context import IMAGE_ONLY_PLACEHOLDER, build_messages, stored_text, user_turn
+from . import conversations, idempotency, input, messages, replay, upstream_request
+from .context import IMAGE_ONLY_PLACEHOLDER, stored_text
 from .conversations import Conversation
 from .history import format_time
 from .idempotency import Replay
 from .limits import ChatLimiter, DbChatLimiter
 from .relay import StreamRelay
-from .roles import Role, RoleCatalog
+from .roles import RoleCatalog
 from .spool import Spool
 from .targets import check_role, resolve
-from .tooluse import TOOL_GUIDANCE, ToolRounds, parse_trace, public_trace
+from .tooluse import ToolRounds, parse_trace, public_trace
 from .turn import Reply, Turn, TurnPolicy
 
 log = logging.getLogger("aichat.chat")
@@ -286,8 +286,8 @@ class ChatService:
             )
         self.limiter.keep(slot_id)
         release = partial(self.limiter.release, slot_id)
-        allowed = self._allowed_tools(role, turn)
-        payload = self._payload(role, conversation, turn, history, allowed)
+        allowed = upstream_request.allowed_tools(self.tools, role, turn)
+        payload = upstream_request.build(self.settings, self.tools, role, conversation, turn, history, allowed)
         rounds = None
         if allowed:
             rounds = ToolRounds(
@@ -371,55 +371,6 @@ class ChatService:
             return messages.first_reply_after(tx, conversation_id=seen.conversation_id, message_id=seen.user_message_id)
 
         return self.db.read(read)
-
-    def _allowed_tools(self, role: Role, turn: input.TurnInput) -> set[str]:
-        """The tools the role's skills offer on this turn (none on an image turn: the vision model is
-        another family, and function calling is not documented for it)."""
-        if turn.image is not None:
-            return set()
-        return {skill.tool for skill in role.skills if self.tools.get(skill.tool) is not None}
-
-    def _payload(
-        self,
-        role: Role,
-        conversation: Conversation,
-        turn: input.TurnInput,
-        history: list[dict[str, Any]],
-        allowed: set[str],
-    ) -> dict[str, Any]:
-        """The upstream request: the conversation's settings, overridden by this turn's; the role's tools."""
-        s = self.settings
-        effective = {**conversation.settings, **turn.overrides}
-        params = {name: effective[name] for name in input.PARAMS if effective.get(name) is not None}
-        model = s.llm_vision_model if turn.image else (effective.get("model") or s.llm_model)
-        payload: dict[str, Any] = {
-            "model": model,
-            "messages": build_messages(
-                system_prompt=role.system_prompt + (TOOL_GUIDANCE if allowed else ""),
-                opening_message=role.opening_message,
-                history=history,
-                turn=user_turn(turn.text, turn.image),
-                context_tokens=s.context_tokens,
-                reserve_tokens=params.get("max_tokens") or s.reply_reserve_tokens,
-                with_tools=bool(allowed),
-            ),
-            **params,
-        }
-        if allowed:
-            payload["tools"] = [tool.spec() for tool in self.tools.offered() if tool.name in allowed]
-            payload["parallel_tool_calls"] = True
-        searches = any(skill.tool == WEB_SEARCH for skill in role.skills) and self.tools.available(WEB_SEARCH)
-        if searches and not turn.image:
-            # DashScope searches the web itself when the model needs it (a request flag, not a tool we run).
-            payload["enable_search"] = True
-            payload["search_options"] = {"search_strategy": s.search_strategy}
-        if s.llm_thinking_flag and not turn.image:
-            # DashScope's switch for Qwen3 hybrid thinking models; sent explicitly so "off" means off. Not on
-            # an image turn: the vision model is another family, and the switch is not documented for it.
-            payload["enable_thinking"] = bool(effective.get("thinking_enabled"))
-        if s.llm_include_usage:
-            payload["stream_options"] = {"include_usage": True}
-        return payload
 
     def _relay(self, turn: Turn | Replay, client: socket.socket | None, uid: str = "") -> StreamRelay:
         if isinstance(turn, Replay):
