@@ -179,3 +179,46 @@ def test_the_breaker_leaves_redis_alone_then_tries_again(monkeypatch):
         if IN_CI:
             raise
         pytest.skip("no local Redis")
+
+
+def test_password_failures_are_counted_in_redis_across_login_instances(start_server, db_url, redis_url, rdb):
+    from tests.test_accounts import password_login, register
+
+    env = {"AICHAT_DB_URL": db_url, "AICHAT_REDIS_URL": redis_url, "AICHAT_PASSWORD_FAIL_PER_ACCOUNT": "3"}
+    one, two = start_server("login", **env), start_server("login", **env)
+    user = register(Client(one.base_url))
+    for server in (one, two, one):
+        assert_error(
+            password_login(Client(server.base_url), user["username"], "wrong-pass-1"), 401, "InvalidCredentials"
+        )
+    res = password_login(Client(two.base_url), user["username"])
+    assert_error(res, 429, "RateLimited")
+    key = f"aichat:pwfail:account:user:{user['username'].casefold()}"
+    assert rdb.zcard(key) == 3 and 0 < rdb.pttl(key) <= 900_000
+    assert query(
+        db_url, "SELECT COUNT(*) FROM login_failures WHERE account_key = ?", (f"user:{user['username'].casefold()}",)
+    ) == [(0,)]  # not in the database
+
+
+def test_password_failures_fall_back_to_the_database_without_redis(start_server, db_url):
+    from tests.test_accounts import password_login, register
+
+    server = start_server(
+        "login",
+        AICHAT_DB_URL=db_url,
+        AICHAT_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",
+        AICHAT_PASSWORD_FAIL_PER_ACCOUNT="2",
+    )
+    user = register(Client(server.base_url))
+    for _ in range(2):
+        assert_error(
+            password_login(Client(server.base_url), user["username"], "wrong-pass-1"), 401, "InvalidCredentials"
+        )
+    assert_error(password_login(Client(server.base_url), user["username"]), 429, "RateLimited")
+    assert password_login(Client(server.base_url), uname_free()).status_code == 401  # others are unaffected
+
+
+def uname_free() -> str:
+    import secrets
+
+    return "nobody_" + secrets.token_hex(4)

@@ -30,7 +30,7 @@ def build_app(settings: Settings | None = None, *, sms: Any = None, db: Any = No
         erasers=[chat.delete_for_user, tools.delete_for_user, voice_eraser(settings)],
     )
 
-    password_accounts = PasswordAccounts(settings, db, accounts.sessions)
+    password_accounts = PasswordAccounts(settings, db, accounts.sessions, redis=redis)
 
     def login_health(req: ApiRequest) -> dict:
         """Liveness for FC's health check and for clients."""

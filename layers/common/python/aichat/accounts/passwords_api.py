@@ -10,9 +10,10 @@ from typing import Any
 from ..config import Settings
 from ..errors import ApiError
 from ..store import Database, now_ms
-from . import passwords, profile, sessions, users
+from . import passwords, profile, users
 from .phone import Phone
 from .sessions_api import Sessions
+from .throttle import Failures
 
 log = logging.getLogger("aichat.accounts")
 
@@ -20,10 +21,11 @@ PHONE_ACCOUNT = re.compile(r"\+?(\d{1,4}[- ]?)?\d{5,15}")
 
 
 class PasswordAccounts:
-    def __init__(self, settings: Settings, db: Database, sessions_api: Sessions) -> None:
+    def __init__(self, settings: Settings, db: Database, sessions_api: Sessions, redis: Any = None) -> None:
         self.settings = settings
         self.db = db
         self.sessions = sessions_api
+        self.failures = Failures(db, redis, settings.password_fail_window_s * 1000)
 
     def register(self, body: dict[str, Any]) -> dict[str, Any]:
         """POST /register: a new account with a username and a password (and an email, a nickname)."""
@@ -82,9 +84,8 @@ class PasswordAccounts:
         country_code = body.get("country_code") if isinstance(body.get("country_code"), str) else "86"
         s = self.settings
         window_ms = s.password_fail_window_s * 1000
-        with self.db.tx() as tx:
-            row, key = self._find(tx, account.strip(), country_code.lstrip("+") or "86")
-            seen = sessions.failures(tx, account_key=key, client_ip=client_ip, since=now_ms() - window_ms) or {}
+        row, key = self.db.read(lambda tx: self._find(tx, account.strip(), country_code.lstrip("+") or "86"))
+        seen = self.failures.seen(key, client_ip)
         now = now_ms()
         if (seen.get("by_account") or 0) >= s.password_fail_per_account:
             raise ApiError(
@@ -100,8 +101,7 @@ class PasswordAccounts:
             )
         ok, rehashed = passwords.verify(row["password_hash"] if row else None, passwords.normalise(password))
         if not ok:
-            with self.db.tx() as tx:
-                sessions.add_failure(tx, account_key=key, client_ip=client_ip, window_ms=window_ms)
+            self.failures.add(key, client_ip)
             raise ApiError("InvalidCredentials")
         uid = row["uid"]
         with self.db.tx() as tx:
@@ -109,7 +109,7 @@ class PasswordAccounts:
                 raise ApiError("InvalidCredentials")  # deleted meanwhile
             if rehashed:
                 users.set_password(tx, uid=uid, password_hash=rehashed)
-            sessions.clear_failures(tx, account_key=key)
+            self.failures.clear(tx, key)
             issued = self.sessions.start(tx, uid=uid, client_ip=client_ip, user_agent=user_agent)
         log.info("login", extra={"uid": uid, "method": "password"})
         user = {"uid": uid, "phone_number": row["phone_number"] or "", "country_code": row["country_code"] or ""}
