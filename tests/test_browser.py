@@ -2,12 +2,14 @@
 conversations (create, switch, rename, delete, a stream error under its reply), clear; a role's skills and the
 tool progress under a reply (the tool providers are loopback fakes); a reply read aloud (the TTS is a loopback
 fake); accounts: registration, password login, the access token renewed with the refresh token, the profile
-panel (profile, password, sessions, logout everywhere)."""
+panel (profile, password, sessions, logout everywhere); idempotency keys on every turn (resent with the same key
+after a renewed token, a 409 RequestInProgress and a network error) and 继续 (a cut reply continued in place)."""
 
 from __future__ import annotations
 
 import base64
 import http.client
+import json
 import re
 import struct
 import time
@@ -22,7 +24,7 @@ from dev.fake_tools import FakeTools
 from dev.fake_tts import FakeTts
 from dev.webserver import WebServer
 from tests.conftest import IN_CI, chat_env
-from tests.helpers import Client, ServerProcess
+from tests.helpers import Client, ServerProcess, history, read_stream
 
 try:
     from playwright.sync_api import Browser, Page, expect, sync_playwright
@@ -837,3 +839,256 @@ def test_the_profile_panel(browser, site, login_service):
     finally:
         context.close()
     assert unexpected(errors) == []
+
+
+# -- idempotency keys and 继续 ----------------------------------------------------------------------------
+
+KEY = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# A request the test cuts off on purpose (a network error) is logged as a failed load too.
+ABORTED_LOAD = re.compile(r"Failed to load resource: net::ERR_FAILED")
+
+
+def turn_posts(page: Page, path: str) -> list[dict[str, str | None]]:
+    """Every POST to the chat path the page sends from now on: its Idempotency-Key and its body."""
+    seen: list[dict[str, str | None]] = []
+
+    def record(req) -> None:
+        if req.method == "POST" and req.url.split("?")[0].endswith(path):
+            seen.append({"key": req.headers.get("idempotency-key"), "body": req.post_data})
+
+    page.on("request", record)
+    return seen
+
+
+def chat_history(chat_service, page: Page) -> list[dict]:
+    """The page user's history with 奶糖, read through the API with the page's own token."""
+    return history(Client(chat_service.base_url, token=stored(page)["access"]))
+
+
+def lose_first_answer(answers: list[str]):
+    """A route handler: the server runs the request, but its first answer never reaches the page (the
+    connection fails); later ones pass. Every answer's body is kept in `answers`."""
+
+    def handle(route) -> None:
+        response = route.fetch()
+        answers.append(response.text())
+        if len(answers) == 1:
+            route.abort("failed")
+        else:
+            route.fulfill(response=response)
+
+    return handle
+
+
+WATCH_TEXT_JS = """id => {
+      // Watch the whole list: the bubble may be drawn anew when the history is read again.
+      const textOf = () => document.querySelector(`.bubble.assistant[data-id="${id}"] .text`);
+      window.seenTexts = [];
+      let last = textOf() ? textOf().textContent : null;
+      new MutationObserver(() => {
+        const text = textOf();
+        if (text && text.textContent !== last) {
+          last = text.textContent;
+          window.seenTexts.push(last);
+        }
+      }).observe(document.querySelector("#messages"), { childList: true, characterData: true, subtree: true });
+    }"""
+
+
+def watch_bubble_text(page, reply_id) -> None:
+    """Record in window.seenTexts each text the reply's bubble shows from now on (a redraw included)."""
+    page.evaluate(WATCH_TEXT_JS, reply_id)
+
+
+def frames_of(body: str) -> list[dict]:
+    return [
+        json.loads(line[5:]) for line in body.splitlines() if line.startswith("data:") and line[5:].strip() != "[DONE]"
+    ]
+
+
+def test_every_send_has_an_idempotency_key_and_a_resend_reuses_it(browser, site, login_service, chat_service, fake_llm):
+    username, password = new_account(login_service)
+    context, page, errors = new_page(browser)
+    posts = turn_posts(page, "/chat/stream")
+    try:
+        page.goto(site.url)
+        password_login(page, username, password)
+        open_naitang(page)
+
+        # Two sends: each a well-formed key of its own.
+        say(page, "第一句")
+        say(page, "第二句")
+        assert len(posts) == 2, posts
+        assert all(p["key"] and KEY.match(p["key"]) for p in posts), posts
+        assert posts[0]["key"] != posts[1]["key"]
+
+        # The access token goes bad: refused (401), renewed, sent again with the same key; one message stored.
+        page.evaluate("localStorage.setItem('aichat.token', 'garbage')")
+        posts.clear()
+        say(page, "第三句")
+        expect(page.locator(".bubble.assistant .text").last).to_contain_text("第三句")
+        assert len(posts) == 2 and posts[0]["key"] == posts[1]["key"], posts
+        assert KEY.match(posts[0]["key"]) and posts[0]["body"] == posts[1]["body"]
+        users = [m["content"] for m in chat_history(chat_service, page) if m["sender_role"] == "user"]
+        assert users == ["第一句", "第二句", "第三句"]
+
+        # The server says the same request still runs (409 RequestInProgress): sent again after Retry-After.
+        refused: list[float] = []
+
+        def in_progress(route) -> None:
+            if not refused:
+                refused.append(time.monotonic())
+                route.fulfill(
+                    status=409,
+                    headers={
+                        "Content-Type": "application/json",
+                        "Retry-After": "1",
+                        "Access-Control-Allow-Origin": "*",
+                        "Access-Control-Expose-Headers": "Retry-After",
+                    },
+                    body=json.dumps({"success": False, "code": "RequestInProgress", "message": "同一请求正在处理中"}),
+                )
+            else:
+                refused.append(time.monotonic())
+                route.continue_()
+
+        page.route("**/chat/stream", in_progress)
+        posts.clear()
+        fake_llm.reset()
+        say(page, "第四句")
+        page.unroute("**/chat/stream")
+        expect(page.locator(".bubble.assistant .text").last).to_contain_text("第四句")
+        expect(page.locator("#error")).to_be_hidden()
+        assert len(posts) == 2 and posts[0]["key"] == posts[1]["key"], posts
+        assert refused[1] - refused[0] >= 0.9  # it waited for Retry-After
+        assert len(fake_llm.requests) == 1
+
+        # No answer reaches the page (the server did run it): sent again with the same key, the repeat is the
+        # stored reply (replayed), drawn like a live one; no second message, no second completion.
+        answers: list[str] = []
+        lost_then_replayed = lose_first_answer(answers)
+
+        fake_llm.reset()
+        fake_llm.enqueue(chunks=["记", "住", "了"])
+        page.route("**/chat/stream", lost_then_replayed)
+        posts.clear()
+        say(page, "第五句")
+        page.unroute("**/chat/stream")
+        expect(page.locator(".bubble.assistant .text").last).to_have_text("记住了")
+        expect(page.locator("#error")).to_be_hidden()
+        assert len(posts) == 2 and posts[0]["key"] == posts[1]["key"], posts
+        first, again = (frames_of(a) for a in answers)
+        assert first[0]["x_event"].get("replayed") is not True and again[0]["x_event"]["replayed"] is True
+        assert len(fake_llm.requests) == 1
+        stored_turns = chat_history(chat_service, page)
+        assert [m["content"] for m in stored_turns if m["sender_role"] == "user"][-1] == "第五句"
+        assert len(stored_turns) == 10 and stored_turns[-1]["content"] == "记住了"
+        expect(page.locator(".bubble.user")).to_have_count(5)
+    finally:
+        context.close()
+    assert [e for e in unexpected(errors) if not ABORTED_LOAD.search(e)] == []
+
+
+def test_a_cut_reply_is_continued_in_the_same_bubble(browser, site, login_service, chat_service, fake_llm):
+    username, password = new_account(login_service)
+    context, page, errors = new_page(browser)
+    posts = turn_posts(page, "/chat/continue")
+    try:
+        page.goto(site.url)
+        password_login(page, username, password)
+        open_naitang(page)
+
+        # The upstream drops mid-reply: the part so far, stored as partial, with 继续 (and the error under it).
+        fake_llm.enqueue(chunks=["一", "二", "三"], drop_after=2)
+        say(page, "数数")
+        reply = page.locator(".bubble.assistant").last
+        expect(reply.locator(".text")).to_have_text("一二")
+        expect(reply.locator(".partial-tag")).to_have_text("（未完成）")
+        button = reply.locator(".continue-btn")
+        expect(button).to_have_text("继续")
+        expect(button).to_be_enabled()
+        expect(page.locator(".continue-btn")).to_have_count(1)
+        expect(page.locator(".reply-note")).to_have_count(1)
+        reply_id = reply.get_attribute("data-id")
+        assert reply_id
+        same = page.locator(f'.bubble.assistant[data-id="{reply_id}"]')
+
+        # 继续: only the new text streams, into that bubble; no new bubble, no user message.
+        fake_llm.reset()
+        fake_llm.enqueue(chunks=["三", "四"], delay=0.5)
+        # What that very bubble's text node shows as the stream goes (it is replaced once the history is read).
+        watch_bubble_text(page, reply_id)
+        button.click()
+        expect(page.locator(f'.bubble.assistant.streaming[data-id="{reply_id}"]')).to_have_count(1)
+        expect(page.locator("#send-btn")).to_be_disabled()
+        expect(page.locator(".continue-btn")).to_have_count(0)
+        expect(page.locator(".bubble")).to_have_count(3)  # the opening, 数数, the reply
+        expect(page.locator(".bubble.streaming")).to_have_count(0)
+        assert page.evaluate("window.seenTexts") == ["一二三", "一二三四"]  # only the new text, appended in place
+        expect(same.locator(".text")).to_have_text("一二三四")
+        expect(page.locator(".bubble")).to_have_count(3)
+        expect(page.locator(".bubble.user .text")).to_have_text(["数数"])
+        expect(page.locator(".continue-btn")).to_have_count(0)
+        expect(same.locator(".partial-tag")).to_have_count(0)
+        expect(page.locator(".reply-note")).to_have_count(0)
+        expect(page.locator("#error")).to_be_hidden()
+        expect(page.locator("#send-btn")).to_be_enabled()
+        assert len(posts) == 1 and KEY.match(posts[0]["key"] or ""), posts
+        assert json.loads(posts[0]["body"]) == {"message_id": int(reply_id)}
+        (sent,) = fake_llm.requests
+        assert sent["body"]["messages"][-1] == {"role": "assistant", "content": "一二", "partial": True}
+        stored_turns = chat_history(chat_service, page)
+        assert [m["sender_role"] for m in stored_turns] == ["user", "assistant"]
+        assert stored_turns[-1]["id"] == int(reply_id) and stored_turns[-1]["content"] == "一二三四"
+        assert stored_turns[-1]["is_partial"] is False
+        page.reload()
+        expect(page.locator("#messages")).to_have_attribute("aria-busy", "false")
+        expect(page.locator(".bubble.assistant .text")).to_have_text([OPENING, "一二三四"])
+        expect(page.locator(".continue-btn")).to_have_count(0)
+
+        # 继续 whose answer never reaches the page (the server did continue it): sent again with the same key, the
+        # repeat is the stored outcome (replayed), and the bubble shows the reply once, never the cut part twice.
+        fake_llm.enqueue(chunks=["五", "六", "七"], drop_after=1)
+        say(page, "接着数")
+        reply = page.locator(".bubble.assistant").last
+        expect(reply.locator(".text")).to_have_text("五")
+        reply_id = reply.get_attribute("data-id")
+        answers: list[str] = []
+        lost_then_replayed = lose_first_answer(answers)
+
+        page.route("**/chat/continue", lost_then_replayed)
+        fake_llm.reset()
+        fake_llm.enqueue(chunks=["六", "七"])
+        posts.clear()
+        watch_bubble_text(page, reply_id)
+        reply.locator(".continue-btn").click()
+        expect(page.locator(".bubble.streaming")).to_have_count(0)
+        expect(page.locator(".bubble.assistant .text").last).to_have_text("五六七")
+        page.unroute("**/chat/continue")
+        expect(page.locator("#error")).to_be_hidden()
+        assert len(posts) == 2 and posts[0]["key"] == posts[1]["key"] and KEY.match(posts[0]["key"] or ""), posts
+        first, again = (frames_of(a) for a in answers)
+        assert "".join(f["choices"][0]["delta"]["content"] for f in first) == "六七"
+        assert again[0]["x_event"]["replayed"] is True
+        assert page.evaluate("window.seenTexts")[-1] == "五六七"
+        assert all("五六七".startswith(t) for t in page.evaluate("window.seenTexts"))
+        assert len(fake_llm.requests) == 1
+        stored_turns = chat_history(chat_service, page)
+        assert len(stored_turns) == 4 and stored_turns[-1]["content"] == "五六七" and not stored_turns[-1]["is_partial"]
+
+        # A reply that is no longer the last (another device went on meanwhile): the server's 400 in the error
+        # notice, and the history read again has no 继续 left.
+        fake_llm.enqueue(chunks=["八", "九", "十"], drop_after=1)
+        say(page, "再数")
+        expect(page.locator(".bubble.assistant .text").last).to_have_text("八")
+        expect(page.locator(".continue-btn")).to_have_count(1)
+        elsewhere = Client(chat_service.base_url, token=stored(page)["access"])
+        read_stream(elsewhere.post("/chat/stream", {"role_code": "naitang", "message": "换个设备说"}, stream=True))
+        page.locator(".continue-btn").click()
+        expect(page.locator("#error")).to_have_text("只能继续会话里最后一条回复")
+        expect(page.locator(".bubble.user .text")).to_have_text(["数数", "接着数", "再数", "换个设备说"])
+        expect(page.locator(".continue-btn")).to_have_count(0)
+        expect(page.locator(".bubble.streaming")).to_have_count(0)
+    finally:
+        context.close()
+    assert [e for e in unexpected(errors) if not ABORTED_LOAD.search(e)] == []

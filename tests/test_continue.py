@@ -91,3 +91,16 @@ def test_a_naive_client_reads_only_the_new_text(user, fake_llm):
     reply = cut_reply(user, fake_llm)
     fake_llm.enqueue(chunks=["三", "四"])
     assert naive_node(user, "/chat/continue", {"message_id": reply["id"]}) == "三四"
+
+
+def test_a_repeated_continue_replays_only_what_it_added(user, fake_llm):
+    reply = cut_reply(user, fake_llm)
+    fake_llm.enqueue(chunks=["三", "四"])
+    headers = {"Idempotency-Key": "continue-once"}
+    first = user.post("/chat/continue", {"message_id": reply["id"]}, stream=True, headers=headers)
+    read_stream(first)
+    res = user.post("/chat/continue", {"message_id": reply["id"]}, stream=True, headers=headers)
+    frames = [json.loads(p) for p in read_stream(res) if p != "[DONE]"]
+    assert "".join(f["choices"][0]["delta"]["content"] for f in frames) == "三四"  # not 一二三四 again
+    assert frames[0]["x_event"]["continues"] == reply["id"] and frames[0]["x_event"]["replayed"] is True
+    assert history(user)[-1]["content"] == "一二三四"

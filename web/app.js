@@ -2,6 +2,8 @@
 // and each role's conversations (chat-api-v2: /chat/conversations, conversation_id, x_event frames),
 // the role's skills (/chat/role/skills, /chat/skill) and the tool progress of a reply (tool.start / tool.end),
 // a reply read aloud (/chat/voice), and accounts: password login, registration, refresh tokens, the profile panel.
+// Every turn (a message, a skill, 继续: /chat/continue of a reply cut short) carries an Idempotency-Key, the same on
+// each resend of it (a renewed token, a network error before any answer, a 409 RequestInProgress).
 
 const $ = (selector) => document.querySelector(selector);
 const TOKEN_KEY = "aichat.token";
@@ -14,6 +16,10 @@ const TITLE_MAX = 100; // a conversation title, after trimming
 const CHAT_ONLY_SKILLS = new Set(["search"]);
 // What a skill asks for before it runs (its tool's required arguments); the others take none.
 const SKILL_ARGUMENTS = { stargazing: { name: "city", label: "哪个城市？", fallback: "杭州" } };
+// A turn's resends of its own (409 RequestInProgress, a network error before any answer), and the longest wait.
+const TURN_RETRIES = 3;
+const TURN_RETRY_MAX_SECONDS = 30;
+const NETWORK_RETRY_SECONDS = 1;
 
 const state = {
   loginBase: "",
@@ -39,6 +45,7 @@ const voice = {
   id: null, // the message whose clip the player holds
   loading: null, // the message whose clip is being fetched (the one asked for last)
   unlocked: false, // the player was started inside a tap once (iOS lets it play later)
+  grown: new Set(), // replies continued on this page: their clip is fetched past the HTTP cache (same URL, new text)
 };
 
 class ApiError extends Error {
@@ -76,15 +83,19 @@ async function loadConfig() {
 // One call. With `auth`, an access token the server rejects (401 Unauthorized: expired, or replaced in another
 // tab) is renewed once with the refresh token and the call sent again. A 401 answers before the server does
 // anything, so even a streaming POST is safe to resend then: its status came before any frame. A stream that
-// has started is never sent again (a failure after that is read from the frames, not retried).
-async function request(base, path, { method = "GET", body, auth = false, signal, renew = true } = {}) {
+// has started is never sent again (a failure after that is read from the frames, not retried). A turn's `key`
+// (Idempotency-Key) goes with every send of it, the renewed one included: the server stores one message for it.
+async function request(base, path, { method = "GET", body, auth = false, signal, renew = true, key, cache } = {}) {
   const headers = {};
   if (body !== undefined) headers["Content-Type"] = "application/json";
   const token = auth ? currentToken() : null;
   if (auth) headers.Authorization = `Bearer ${token}`;
+  if (key) headers["Idempotency-Key"] = key;
   let res;
   try {
-    res = await fetch(base + path, { method, headers, signal, body: body === undefined ? undefined : JSON.stringify(body) });
+    const init = { method, headers, signal, body: body === undefined ? undefined : JSON.stringify(body) };
+    if (cache) init.cache = cache;
+    res = await fetch(base + path, init);
   } catch (err) {
     if (err.name === "AbortError") throw err;
     throw new ApiError(0, "NetworkError", "网络异常，请检查网络后重试");
@@ -93,7 +104,7 @@ async function request(base, path, { method = "GET", body, auth = false, signal,
   const err = await errorOf(res);
   if (auth && renew && res.status === 401 && err.code === "Unauthorized" && (await renewToken(token))) {
     if (signal?.aborted) throw new DOMException("The call was aborted", "AbortError");
-    return request(base, path, { method, body, auth, signal, renew: false });
+    return request(base, path, { method, body, auth, signal, renew: false, key, cache });
   }
   throw err;
 }
@@ -110,6 +121,53 @@ async function errorOf(res) {
 }
 
 const getJson = async (base, path, options) => (await request(base, path, options)).json();
+
+// A fresh idempotency key for one user action: 32 hex digits (the server takes 1–64 of [A-Za-z0-9_-]).
+// getRandomValues, not randomUUID: that one exists only in secure contexts (not on http://<LAN address>).
+function idempotencyKey() {
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+// A pause that ends early (AbortError) when the signal aborts.
+function pause(seconds, signal) {
+  return new Promise((resolve, reject) => {
+    const aborted = () => new DOMException("The call was aborted", "AbortError");
+    if (signal?.aborted) return reject(aborted());
+    const onAbort = () => {
+      clearTimeout(timer);
+      reject(aborted());
+    };
+    const timer = setTimeout(() => {
+      signal?.removeEventListener("abort", onAbort);
+      resolve();
+    }, seconds * 1000);
+    signal?.addEventListener("abort", onAbort, { once: true });
+  });
+}
+
+// One turn operation (/chat/stream, /chat/skill, /chat/continue; /chat/regenerate and /chat/edit alike): the
+// action's one key on every send. Sent again, with that key, when the server says the same request still runs
+// (409 RequestInProgress: after Retry-After) or when no answer came at all (a network error, before any frame):
+// a repeat of a request that did finish is answered with its stored reply (x_event.replayed), nothing new.
+async function turnRequest(path, body, { key, signal }) {
+  for (let attempt = 0; ; attempt += 1) {
+    try {
+      return await request(state.chatBase, path, { method: "POST", body, auth: true, signal, key });
+    } catch (err) {
+      if (err.name === "AbortError" || attempt >= TURN_RETRIES) throw err;
+      let wait;
+      if (err.status === 409 && err.code === "RequestInProgress") {
+        wait = Math.min(Math.max(err.retryAfter ?? 2, 1), TURN_RETRY_MAX_SECONDS);
+      } else if (err.status === 0 && err.code === "NetworkError") {
+        wait = NETWORK_RETRY_SECONDS * (attempt + 1);
+      } else {
+        throw err;
+      }
+      await pause(wait, signal);
+    }
+  }
+}
 
 // ---- tokens: the access token, and the refresh token that renews it (rotated on every use) ----
 
@@ -768,6 +826,11 @@ function renderMessages(messages) {
       if (trace.childElementCount) addBubble(trace);
     }
   }
+  // The conversation's last message, a reply cut short: 继续 (/chat/continue) lets the role finish it.
+  const last = messages[messages.length - 1];
+  if (last && last.sender_role !== "user" && last.is_partial && last.id != null) {
+    box.querySelector(`.bubble[data-id="${CSS.escape(String(last.id))}"]`)?.append(continueButton(last.id));
+  }
   // A stream error stays under its reply when the history is shown again.
   const bubbles = box.querySelectorAll(".bubble");
   for (const [id, text] of state.notes) {
@@ -1086,6 +1149,7 @@ function setStreaming(on) {
   $("#clear-btn").disabled = on;
   $("#skill-go").disabled = on;
   for (const chip of document.querySelectorAll(".skill-chip")) chip.disabled = on;
+  for (const button of document.querySelectorAll(".continue-btn")) button.disabled = on;
   $("#composer").classList.toggle("busy", on);
 }
 
@@ -1109,30 +1173,77 @@ async function send(event) {
 // with its tool lines, then the stored record read back.
 async function streamTurn(path, body, { text, hasImage = false, accepted = () => {} }) {
   clearMessages();
-  const controller = new AbortController();
-  state.stream = controller;
-  setStreaming(true);
   const turn = {
     user: addBubble(bubble("user", text, { hasImage })),
     reply: addBubble(bubble("assistant", "")),
     trace: null, // the reply's tool lines, made on the first tool event
     tools: new Map(), // tool_call_id -> its line
+    prefix: null, // a continued reply's text before this turn (null: a new reply)
   };
-  const { reply } = turn;
-  reply.classList.add("streaming");
+  await runTurn(path, body, turn, {
+    accepted,
+    failed: () => {
+      turn.reply.remove();
+      turn.trace?.remove();
+    },
+  });
+}
+
+// 继续 under the conversation's last reply when it was cut short (is_partial).
+function continueButton(id) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "continue-btn";
+  button.textContent = "继续";
+  button.title = "让角色接着说完这条回复";
+  button.disabled = Boolean(state.stream);
+  button.addEventListener("click", () => continueReply(id));
+  return button;
+}
+
+// POST /chat/continue: only the new text streams, appended to the same bubble (no new bubble, no user message);
+// the stored reply grows in place, and the history read after [DONE] shows it whole.
+async function continueReply(id) {
+  if (state.stream || !state.role) return;
+  const reply = $(`#messages .bubble.assistant[data-id="${CSS.escape(String(id))}"]`);
+  if (!reply) return;
+  clearMessages();
+  const textEl = reply.querySelector(".text");
+  const turn = { user: null, reply, trace: null, tools: new Map(), prefix: textEl.textContent, replayed: null };
+  for (const el of reply.querySelectorAll(".continue-btn, .partial-tag")) el.remove();
+  reply.classList.remove("failed");
+  forgetClip(String(id)); // its clip (if one was fetched) says the old text
+  await runTurn("/chat/continue", { message_id: id }, turn, {
+    // Accepted: the error shown under the cut reply is over.
+    accepted: () => {
+      state.notes.delete(String(id));
+      while (reply.nextElementSibling?.classList.contains("reply-note")) reply.nextElementSibling.remove();
+    },
+  });
+}
+
+// The streaming part every turn shares: one idempotency key for this user action (the same on every resend of
+// it), the reply's frames, then the stored records and the conversation list read back (a first message sets the
+// title). `accepted` runs when the server took the turn; `failed` when it refused it (or the stream was left).
+async function runTurn(path, body, turn, { accepted = () => {}, failed = () => {} } = {}) {
+  const controller = new AbortController();
+  state.stream = controller;
+  setStreaming(true);
+  turn.reply.classList.add("streaming");
+  const key = idempotencyKey();
   try {
-    const res = await request(state.chatBase, path, { method: "POST", body, auth: true, signal: controller.signal });
+    const res = await turnRequest(path, body, { key, signal: controller.signal });
     accepted();
     await readStream(res, turn);
   } catch (err) {
-    reply.remove();
-    turn.trace?.remove();
+    turn.reply.classList.remove("streaming");
+    failed();
     handleError(err);
   } finally {
     if (state.stream === controller) state.stream = null;
     if (!state.stream) setStreaming(false);
   }
-  // The server stored what was said; show its record (flow step 6) and the list (a first message sets the title).
+  // The server stored what was said; show its record (flow step 6).
   if (state.token && !controller.signal.aborted) await Promise.all([refreshHistory(), loadConversations()]);
 }
 
@@ -1175,15 +1286,23 @@ async function readStream(res, turn) {
 // tool.end, done, error; any other type is ignored).
 function applyFrame(frame, turn, textEl) {
   if (!frame) return;
+  const event = frame.x_event && typeof frame.x_event === "object" ? frame.x_event : {};
+  // A repeat of a finished turn (its key seen before) is its stored outcome: drawn like any other stream.
+  if (event.type === "stream.meta" && event.replayed === true && turn.prefix != null) turn.replayed = "";
   const content = frame.choices?.[0]?.delta?.content;
   if (typeof content === "string" && content) {
-    textEl.textContent += content;
+    if (turn.replayed != null) {
+      turn.replayed += content;
+      textEl.textContent = replayedText(turn.prefix, turn.replayed);
+    } else {
+      textEl.textContent += content;
+    }
     const box = $("#messages");
     box.scrollTop = box.scrollHeight;
   }
-  const event = frame.x_event && typeof frame.x_event === "object" ? frame.x_event : {};
   if (event.type === "stream.meta") {
-    if (event.message_id != null) turn.user.dataset.id = event.message_id;
+    // A continuation has no user message (its meta names the reply it continues).
+    if (event.message_id != null && turn.user) turn.user.dataset.id = event.message_id;
     // The role's default conversation, sent to by role_code before its id was known.
     if (!state.conversationId && typeof event.conversation_id === "string" && event.conversation_id) {
       state.conversationId = event.conversation_id;
@@ -1211,6 +1330,14 @@ function applyFrame(frame, turn, textEl) {
     state.notes.set(id, text);
     addNote(turn.reply, text);
   }
+}
+
+// A replayed continuation answers only what that continuation added (the server keeps where the reply was cut);
+// should a server answer the whole stored reply instead, it is shown whole: never the cut part twice.
+function replayedText(prefix, replayed) {
+  if (replayed.startsWith(prefix)) return replayed;
+  if (prefix.startsWith(replayed)) return prefix;
+  return prefix + replayed;
 }
 
 async function clearChat() {
@@ -1273,7 +1400,9 @@ async function toggleVoice(id) {
     voice.loading = id;
     paintVoiceButtons();
     try {
-      const res = await request(state.chatBase, `/chat/voice?message_id=${encodeURIComponent(id)}`, { auth: true });
+      // A reply continued on this page grew under the same URL: past the HTTP cache (revalidated by its ETag).
+      const cache = voice.grown.has(id) ? "no-cache" : undefined;
+      const res = await request(state.chatBase, `/chat/voice?message_id=${encodeURIComponent(id)}`, { auth: true, cache });
       const blob = await res.blob();
       url = URL.createObjectURL(blob);
       voice.clips.set(id, url);
@@ -1336,6 +1465,23 @@ function silentWav() {
   return `data:audio/wav;base64,${btoa(String.fromCharCode(...new Uint8Array(view.buffer)))}`;
 }
 
+// A reply that is about to grow (继续): its clip, kept or playing, is of the old text.
+function forgetClip(id) {
+  voice.grown.add(id);
+  const player = $("#voice-player");
+  if (voice.loading === id) voice.loading = null;
+  if (voice.id === id) {
+    if (!player.paused) player.pause();
+    voice.id = null;
+  }
+  const url = voice.clips.get(id);
+  if (url) {
+    URL.revokeObjectURL(url);
+    voice.clips.delete(id);
+  }
+  paintVoiceButtons();
+}
+
 // Nothing plays any more; `forget` (logging out) also drops the clips kept for the page.
 function stopVoice({ forget = false } = {}) {
   const player = $("#voice-player");
@@ -1347,6 +1493,7 @@ function stopVoice({ forget = false } = {}) {
     player.load();
     for (const url of voice.clips.values()) URL.revokeObjectURL(url);
     voice.clips.clear();
+    voice.grown.clear();
   }
   paintVoiceButtons();
 }

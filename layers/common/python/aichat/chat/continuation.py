@@ -71,6 +71,10 @@ def start(service: ChatService, uid: str, body: dict[str, Any], keyed: Keyed) ->
                 user_message_id=reply_id,
                 ttl_ms=s.idempotency_ttl_s * 1000,
             )
+            # A repeat replays only what this continuation added: where the reply was cut is kept.
+            idempotency.note(
+                tx, uid=uid, key=keyed.key, response={"continues": reply_id, "offset": len(row["content"])}
+            )
     service.limiter.keep(slot_id)
     release = partial(service.limiter.release, slot_id)
     prefix = row["content"]

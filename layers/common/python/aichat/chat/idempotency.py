@@ -100,6 +100,14 @@ def claim(
         raise ApiError("RequestInProgress", retry_after=2)
 
 
+def note(tx: Tx, *, uid: str, key: str, response: dict[str, Any]) -> None:
+    """Keep something a repeat needs to know about the first request (e.g. where a continued reply began)."""
+    tx.execute(
+        "UPDATE idempotency_keys SET response = ? WHERE uid = ? AND idem_key = ?",
+        (json.dumps(response, ensure_ascii=False), uid, key),
+    )
+
+
 def finish(
     tx: Tx,
     *,

@@ -15,15 +15,20 @@ PIECE_CHARS = 64
 
 def frames(replay: Replay, reply: dict[str, Any] | None, *, model: str, role_code: str | None) -> Iterator[bytes]:
     """The stored outcome as a stream: the meta frame, the reply's text, the done (or error) frame, [DONE]."""
+    continued = replay.response if replay.operation == "continue" and replay.response else None
     meta = {
         "type": "stream.meta",
         "conversation_id": replay.conversation_id,
-        "message_id": replay.user_message_id,
+        "message_id": None if continued else replay.user_message_id,
         "role_code": role_code,
         "replayed": True,
     }
+    if continued:
+        meta["continues"] = continued["continues"]
     yield local_frame(model, x_event=meta)
     text = reply["content"] if reply else ""
+    if continued:
+        text = text[int(continued.get("offset") or 0) :]  # only what the continuation added
     for start in range(0, len(text), PIECE_CHARS):
         piece = text[start : start + PIECE_CHARS]
         yield _text_frame(model, piece)

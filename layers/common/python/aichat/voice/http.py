@@ -16,6 +16,7 @@ def clip_response(kind: str, value: Any) -> Response:
     data, etag = value
     response = Response(data, mimetype=CONTENT_TYPE)
     response.set_etag(etag)
-    # The user's own audio: cacheable by their client only (a shared cache never holds it).
-    response.headers["Cache-Control"] = "private, max-age=86400"
+    # The user's own audio: kept by their client only, and revalidated (a 304 by ETag) each time, since a
+    # continued reply keeps its URL but not its audio.
+    response.headers["Cache-Control"] = "private, no-cache"
     return response.make_conditional(request, accept_ranges=True, complete_length=len(data))
