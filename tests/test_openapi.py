@@ -7,10 +7,12 @@ import itertools
 import json
 import os
 import re
+import secrets
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,8 +21,10 @@ import pytest
 import requests
 import schemathesis
 import yaml
+from aichat.chat.idempotency import BODY_FIELD, KEY_RE
 from aichat.chat.images import MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE
 from aichat.chat.turn import FALLBACK_MESSAGES
+from aichat.config import ENV_VARS
 from aichat.errors import CATALOG
 from aichat.gunicorn_worker import error_bytes
 from aichat.tokens import issue_token
@@ -33,7 +37,9 @@ from referencing.jsonschema import DRAFT202012
 from schemathesis.specs.openapi import checks as openapi_checks
 
 from dev.fake_llm import FakeLLM
-from tests.conftest import IN_CI, chat_env
+from dev.fake_tools import FakeTools
+from dev.fake_tts import FakeTts
+from tests.conftest import BACKENDS, IN_CI, chat_env, fresh_mysql_database
 from tests.helpers import LAYER, ROOT, TEST_SECRET, ServerProcess, random_phone
 
 SPEC_PATH = ROOT / "docs" / "openapi.yaml"
@@ -41,38 +47,63 @@ CONTRACT_PATH = ROOT.parent / "shared" / "contract" / "aichat-api.md"
 SERVICES = {"login": "LoginService", "chat": "ChatService"}
 LOCAL_URLS = {"login": "http://127.0.0.1:9000", "chat": "http://127.0.0.1:9001"}
 HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
-# Codes that the code answers with a status other than their CATALOG default (errors.py, llm.py, web.py).
-EXTRA_STATUSES = {("SendCodeFailed", 400), ("NetworkError", 504)}
+# Codes that the code answers with a status other than their CATALOG default (errors.py, llm.py, web.py:
+# a Range /chat/voice cannot serve is Werkzeug's 416, answered as InvalidInput).
+EXTRA_STATUSES = {("SendCodeFailed", 400), ("NetworkError", 504), ("InvalidInput", 416)}
 TEST_ACCOUNT = {"phone_number": "10086", "country_code": "86", "verify_code": "1234"}
 # The operations the services serve beyond the contract's catalog; the document marks each `x-extension: true`.
 EXTENSIONS = {
     "me",
     "logout",
     "account_delete",
+    "register",
+    "login_password",
+    "token_refresh",
+    "password_set",
+    "logout_all",
+    "sessions",
+    "session_revoke",
+    "me_update",
     "chat_delete_message",
     "chat_regenerate",
     "chat_edit",
+    "chat_continue",
     "chat_send",
     "chat_conversation_create",
     "chat_conversations",
     "chat_conversation",
     "chat_conversation_update",
     "chat_conversation_delete",
+    "chat_role_skills",
+    "chat_skill",
+    "chat_tools",
+    "chat_tool",
+    "chat_tool_execute",
+    "chat_voice",
 }
-STREAMED = ("chat_stream", "chat_regenerate", "chat_edit")
+# The operations whose 200 is an event stream and nothing else (chat_skill's is a stream or, with stream=0, JSON).
+STREAMED = ("chat_stream", "chat_regenerate", "chat_edit", "chat_continue")
+# The turn operations: they take an idempotency key (the Idempotency-Key header or client_message_id).
+TURNS = ("chat_stream", "chat_send", "chat_regenerate", "chat_edit", "chat_skill", "chat_continue")
 SERVER_ERRORS = {"DatabaseError", "MissingDatabaseConfig", "InternalError"}
 # Every streamed reply (chat_stream, chat_regenerate, chat_edit) and chat_send, its JSON counterpart, can
-# answer these before its first frame (a conversation_id that is unknown or another user's: ConversationNotFound).
+# answer these before its first frame (a conversation_id that is unknown or another user's: ConversationNotFound;
+# an idempotency key still running: RequestInProgress, or used for another body: IdempotencyKeyReused).
 STREAM_ERRORS = {
     "400": {"InvalidInput", "InvalidImage"},
     "401": {"Unauthorized"},
     "404": {"RoleNotFound", "ConversationNotFound"},
+    "409": {"RequestInProgress"},
     "413": {"PayloadTooLarge"},
+    "422": {"IdempotencyKeyReused"},
     "429": {"RateLimited"},
     "500": {"MissingApiKey"} | SERVER_ERRORS,
     "502": {"UpstreamHTTPError", "NetworkError"},
     "504": {"NetworkError"},
 }
+# The local frames a stream may carry between its first and its last (a tool call's start and end).
+TOOL_EVENTS = ("tool.start", "tool.end")
+LOOPBACK = "http://127.0.0.1:"
 
 
 def load_spec() -> dict[str, Any]:
@@ -112,10 +143,15 @@ def resolve(spec: dict[str, Any], node: Any) -> Any:
 
 
 @functools.cache
+def document_registry() -> Registry:
+    """The document as the one resource of a JSON Schema registry (its $refs resolve in it)."""
+    return Registry().with_resource("urn:openapi", Resource(contents=load_spec(), specification=DRAFT202012))
+
+
+@functools.cache
 def pointer_validator(pointer: str) -> Draft202012Validator:
     """A JSON Schema validator of the schema at a JSON pointer of the document (its $refs resolved in it)."""
-    registry = Registry().with_resource("urn:openapi", Resource(contents=load_spec(), specification=DRAFT202012))
-    return Draft202012Validator({"$ref": f"urn:openapi#{pointer}"}, registry=registry)
+    return Draft202012Validator({"$ref": f"urn:openapi#{pointer}"}, registry=document_registry())
 
 
 def schema_validator(name: str) -> Draft202012Validator:
@@ -138,7 +174,11 @@ def stream_chunks(payloads: list[str]) -> list[dict[str, Any]]:
 
     Every chunk has `choices[0].delta.content` as a string; the first is the local `stream.meta` frame,
     the last the `done` frame or the fallback frame (`error`, with empty content and an `error` object that
-    `x_event` repeats); no frame between them carries an `x_event`.
+    `x_event` repeats). Between them only a tool call's local frames carry an `x_event` (`tool.start`, then
+    its `tool.end`, both with empty content and no finish_reason). A repeat of an idempotency key
+    (`replayed: true` on the first and the last frame) repeats no tool frames; a continuation's first frame
+    (a repeat's too) names the reply it continues (`continues`, with no user message) and its last frame
+    names that reply.
     """
     chunks = [json.loads(payload) for payload in payloads]
     assert len(chunks) >= 2, f"a stream has at least its stream.meta and its last frame: {payloads!r}"
@@ -146,12 +186,27 @@ def stream_chunks(payloads: list[str]) -> list[dict[str, Any]]:
         schema_validator("StreamChunk").validate(chunk)
         assert isinstance(chunk["choices"][0]["delta"]["content"], str), chunk
     first, last = chunks[0], chunks[-1]
-    assert first["x_event"]["type"] == "stream.meta", first
+    meta = first["x_event"]
+    assert meta["type"] == "stream.meta", first
     assert first["choices"][0]["delta"]["content"] == "", first
-    assert all("x_event" not in chunk for chunk in chunks[1:-1]), "x_event on an upstream frame"
+    started: list[str] = []
+    ended: list[str] = []
+    for chunk in chunks[1:-1]:
+        if "x_event" not in chunk:
+            continue
+        tool = chunk["x_event"]
+        assert tool["type"] in TOOL_EVENTS, f"x_event {tool['type']!r} between the first and the last frame"
+        assert chunk["choices"][0]["delta"]["content"] == "", chunk
+        assert chunk["choices"][0]["finish_reason"] is None, chunk
+        if tool["type"] == "tool.start":
+            started.append(tool["tool_call_id"])
+        else:
+            assert tool["tool_call_id"] in started and tool["tool_call_id"] not in ended, chunk
+            ended.append(tool["tool_call_id"])
+    assert sorted(ended) == sorted(started), f"a tool.start without its tool.end: {started} vs {ended}"
     event = last["x_event"]
     assert event["type"] in ("done", "error"), last
-    assert event["conversation_id"] == first["x_event"]["conversation_id"], (first, last)
+    assert event["conversation_id"] == meta["conversation_id"], (first, last)
     assert last["choices"][0]["delta"]["content"] == "", last
     if event["type"] == "done":
         assert "error" not in last, last
@@ -159,6 +214,15 @@ def stream_chunks(payloads: list[str]) -> list[dict[str, Any]]:
     else:
         assert last["choices"][0]["finish_reason"] == "error", last
         assert (last["error"]["code"], last["error"]["message"]) == (event["code"], event["message"]), last
+    assert meta.get("replayed") is event.get("replayed"), "replayed is on both the first and the last frame, or neither"
+    if meta.get("replayed"):
+        assert not started, "a repeat shows no tool frames"
+    if "continues" in meta:
+        assert meta["message_id"] is None, "a continuation stores no user message"
+        assert event["message_id"] in (meta["continues"], None), "the last frame names the continued reply"
+        assert not started, "no tools on a continuation"
+    else:
+        assert meta["message_id"] is not None, first
     return chunks
 
 
@@ -214,8 +278,8 @@ def test_every_documented_error_has_the_status_the_code_uses() -> None:
             where = f"{op['method']} {op['path']} {status}"
             response = resolve(spec, response)
             assert "X-Request-Id" in response["headers"], f"{where}: no X-Request-Id header"
-            if status.startswith("2"):
-                continue
+            if int(status) < 400:
+                continue  # a success, or /chat/voice's 302 and 304 (no body)
             codes = documented_codes(spec, response)
             assert codes, f"{where}: no error code"
             for code in codes:
@@ -245,6 +309,49 @@ def test_operations_document_the_errors_the_code_can_produce() -> None:
         "me": {"401": {"Unauthorized"}, "500": SERVER_ERRORS},
         "logout": {"401": {"Unauthorized"}, "413": {"PayloadTooLarge"}, "500": SERVER_ERRORS},
         "account_delete": {"401": {"Unauthorized"}, "413": {"PayloadTooLarge"}, "500": SERVER_ERRORS},
+        "register": {
+            "400": {"InvalidInput"},
+            "409": {"AccountExists"},
+            "413": {"PayloadTooLarge"},
+            "415": {"UnsupportedMediaType"},
+            "500": SERVER_ERRORS,
+        },
+        "login_password": {
+            "400": {"InvalidInput"},
+            "401": {"InvalidCredentials"},
+            "413": {"PayloadTooLarge"},
+            "415": {"UnsupportedMediaType"},
+            "429": {"RateLimited"},
+            "500": SERVER_ERRORS,
+        },
+        "token_refresh": {
+            "400": {"InvalidInput"},
+            "401": {"Unauthorized"},
+            "413": {"PayloadTooLarge"},
+            "415": {"UnsupportedMediaType"},
+            "500": SERVER_ERRORS,
+        },
+        "password_set": {
+            "400": {"InvalidInput"},
+            "401": {"Unauthorized", "InvalidCredentials"},
+            "413": {"PayloadTooLarge"},
+            "500": SERVER_ERRORS,
+        },
+        "logout_all": {"401": {"Unauthorized"}, "413": {"PayloadTooLarge"}, "500": SERVER_ERRORS},
+        "sessions": {"401": {"Unauthorized"}, "500": SERVER_ERRORS},
+        "session_revoke": {
+            "400": {"InvalidInput"},
+            "401": {"Unauthorized"},
+            "404": {"SessionNotFound"},
+            "413": {"PayloadTooLarge"},
+            "500": SERVER_ERRORS,
+        },
+        "me_update": {
+            "400": {"InvalidInput"},
+            "401": {"Unauthorized"},
+            "413": {"PayloadTooLarge"},
+            "500": SERVER_ERRORS,
+        },
         "chat_roles": {"500": {"DatabaseError", "MissingDatabaseConfig", "InternalError"}},
         "chat_stream": STREAM_ERRORS,
         "chat_history": {
@@ -271,6 +378,12 @@ def test_operations_document_the_errors_the_code_can_produce() -> None:
         "chat_regenerate": {**STREAM_ERRORS, "400": {"InvalidInput"}},
         "chat_edit": STREAM_ERRORS,
         "chat_send": STREAM_ERRORS,
+        # A continuation names a message, not a conversation or role, and carries no image.
+        "chat_continue": {
+            **{status: codes for status, codes in STREAM_ERRORS.items() if status != "404"},
+            "400": {"InvalidInput"},
+            "404": {"MessageNotFound"},
+        },
         "chat_conversation_create": {
             "400": {"InvalidInput"},
             "401": {"Unauthorized"},
@@ -304,6 +417,34 @@ def test_operations_document_the_errors_the_code_can_produce() -> None:
             "413": {"PayloadTooLarge"},
             "500": SERVER_ERRORS,
         },
+        "chat_role_skills": {"400": {"InvalidInput"}, "404": {"RoleNotFound"}, "500": SERVER_ERRORS},
+        # The tool's own arguments replace the message and image; the stream starts before the tool runs and
+        # the upstream is called only after it, so a timeout is never a 504 (with stream=0 it is a 502).
+        "chat_skill": {
+            **{status: codes for status, codes in STREAM_ERRORS.items() if status != "504"},
+            "400": {"InvalidInput"},
+            "404": {"RoleNotFound", "SkillNotFound", "ConversationNotFound"},
+        },
+        "chat_tools": {"500": {"InternalError"}},
+        "chat_tool": {"400": {"InvalidInput"}, "404": {"ToolNotFound"}, "500": {"InternalError"}},
+        "chat_tool_execute": {
+            "400": {"InvalidInput"},
+            "401": {"Unauthorized"},
+            "404": {"ToolNotFound"},
+            "413": {"PayloadTooLarge"},
+            "429": {"RateLimited"},
+            "500": SERVER_ERRORS,
+            "502": {"ToolFailed"},
+        },
+        "chat_voice": {
+            "400": {"InvalidInput"},
+            "401": {"Unauthorized"},
+            "404": {"MessageNotFound"},
+            "416": {"InvalidInput"},
+            "429": {"RateLimited"},
+            "500": SERVER_ERRORS,
+            "502": {"UpstreamHTTPError", "NetworkError"},
+        },
     }
     assert set(operations) == set(expected)
     for operation_id, errors in expected.items():
@@ -311,12 +452,21 @@ def test_operations_document_the_errors_the_code_can_produce() -> None:
         documented = {
             status: documented_codes(spec, resolve(spec, response))
             for status, response in responses.items()
-            if not status.startswith("2")
+            if int(status) >= 400
         }
         assert documented == errors, operation_id
-    for operation_id in ("send_code", *STREAMED, "chat_send"):
-        too_many = resolve(spec, operations[operation_id]["operation"]["responses"]["429"])
-        assert resolve(spec, too_many["headers"]["Retry-After"])["required"] is True, operation_id
+    for operation_id, op in operations.items():  # every 429, and a 409 of a key still running, says when to retry
+        for status, response in op["operation"]["responses"].items():
+            codes = expected[operation_id].get(status, set())
+            if status == "429" or "RequestInProgress" in codes:
+                waiting = resolve(spec, response)
+                assert resolve(spec, waiting["headers"]["Retry-After"])["required"] is True, (operation_id, status)
+    for operation_id in TURNS:
+        parameters = [resolve(spec, p) for p in operations[operation_id]["operation"].get("parameters", [])]
+        assert any((p["in"], p["name"]) == ("header", "Idempotency-Key") for p in parameters), operation_id
+        assert {"409", "422"} <= set(operations[operation_id]["operation"]["responses"]), operation_id
+        body = resolve(spec, operations[operation_id]["operation"]["requestBody"]["content"]["application/json"])
+        assert "client_message_id" in resolve(spec, body["schema"])["properties"], operation_id
     for name in ("NotFound", "MethodNotAllowed"):
         assert name in spec["components"]["responses"]
     assert "Allow" in spec["components"]["responses"]["MethodNotAllowed"]["headers"]
@@ -394,6 +544,71 @@ def test_conversation_examples_match_their_schemas(operation_id: str) -> None:
             schema_validator(name).validate(example)
 
 
+def json_pointer(*parts: str) -> str:
+    """A JSON pointer into the document (RFC 6901: `~` and `/` escaped)."""
+    return "".join("/" + part.replace("~", "~0").replace("/", "~1") for part in parts)
+
+
+def json_media(spec: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """Every application/json media object the operations use: (where, JSON pointer of its schema, media)."""
+    found = []
+    for path, item in spec["paths"].items():
+        for method in HTTP_METHODS:
+            if method not in item:
+                continue
+            operation = item[method]
+            at = ("paths", path, method)
+            if "requestBody" in operation:
+                media = operation["requestBody"]["content"].get("application/json")
+                if media is not None:
+                    found.append(
+                        (
+                            f"{method} {path} body",
+                            json_pointer(*at, "requestBody", "content", "application/json"),
+                            media,
+                        )
+                    )
+            for status, response in operation["responses"].items():
+                where = json_pointer(*at, "responses", status)
+                if "$ref" in response:
+                    where = json_pointer(*response["$ref"].removeprefix("#/").split("/"))
+                    response = resolve(spec, response)
+                media = response.get("content", {}).get("application/json")
+                if media is not None:
+                    found.append(
+                        (f"{method} {path} {status}", where + json_pointer("content", "application/json"), media)
+                    )
+    return found
+
+
+def test_every_json_example_matches_its_schema() -> None:
+    """Each example of a JSON body, success or error, request or response, is an instance of its schema."""
+    spec = load_spec()
+    checked = 0
+    for where, media_pointer, media in json_media(spec):
+        examples = [example["value"] for example in media.get("examples", {}).values()]
+        if "example" in media:
+            examples.append(media["example"])
+        for example in examples:
+            errors = list(pointer_validator(media_pointer + "/schema").iter_errors(example))
+            assert not errors, f"{where}: {errors[0].message} in {example!r}"
+            checked += 1
+    assert checked > 100  # the document has examples almost everywhere
+
+
+def test_skill_stream_examples_follow_the_framing() -> None:
+    """/chat/skill's own stream example: its tool's start and end frames between the first and the last."""
+    spec = load_spec()
+    ok = spec_operations(spec)["chat_skill"]["operation"]["responses"]["200"]
+    stream = ok["content"]["text/event-stream"]
+    assert stream["x-sse-event-schema"] == {"$ref": "#/components/schemas/StreamEvent"}
+    for example in stream["examples"].values():
+        frames = sse_events(example["value"])
+        assert frames[-2:] == ["data: [DONE]", ""]
+        chunks = stream_chunks([frame.removeprefix("data: ") for frame in frames[:-2]])
+        assert [c["x_event"]["type"] for c in chunks if "x_event" in c][1:3] == list(TOOL_EVENTS)
+
+
 # -- the route tables and the contract -------------------------------------------------------------
 
 
@@ -464,28 +679,67 @@ def test_route_tables_match_the_document(route_tables: dict[str, list[dict[str, 
             assert "401" in operation["operation"]["responses"], f"{operation_id} does not document 401"
 
 
+@functools.cache
+def clip_cache_controls() -> dict[str, str]:
+    """What voice/http.py's clip_response sends as Cache-Control: with the audio ("bytes") and with a redirect."""
+    from aichat.voice.http import clip_response
+    from flask import Flask
+
+    with Flask("openapi-probe").test_request_context("/chat/voice"):
+        return {
+            kind: clip_response(kind, value).headers["Cache-Control"]
+            for kind, value in (("bytes", (b"ID3", "etag")), ("redirect", "https://oss.example.com/a.mp3"))
+        }
+
+
+def voice_cache_control() -> str:
+    """The Cache-Control of the user's own audio (200, 206 and 304 alike)."""
+    return clip_cache_controls()["bytes"]
+
+
+def cache_controls_sent(operation_id: str, private: bool, status: str, media: set[str]) -> set[str]:
+    """The Cache-Control values the app sends with one documented response, by what the response is.
+
+    web.py: a stream says `no-cache, no-transform`; a JSON answer of a private operation (bearer, or a
+    token-bearing one of NO_STORE_OPERATIONS) `no-store`. voice/http.py (asked, not copied): the audio
+    and its 304 say what clip_response sends with the bytes, the redirect to a signed URL what it sends
+    with a redirect.
+    """
+    sent = set()
+    if "text/event-stream" in media:
+        sent.add("no-cache, no-transform")
+    if "application/json" in media and private:
+        sent.add("no-store")
+    if operation_id == "chat_voice" and ("audio/mpeg" in media or status == "304"):
+        sent.add(clip_cache_controls()["bytes"])
+    if operation_id == "chat_voice" and status == "302":
+        sent.add(clip_cache_controls()["redirect"])
+    return sent
+
+
 def test_responses_document_the_headers_the_app_adds(route_tables: dict[str, list[dict[str, str]]]) -> None:
-    """nosniff on every answer; no-store on the JSON answers of bearer operations, /login and /send_code (web.py)."""
+    """nosniff on every answer; each response documents the Cache-Control the app sends with it, and only that."""
     spec = load_spec()
     routes = {route["operation_id"]: route for table in route_tables.values() for route in table}
     for operation_id, op in spec_operations(spec).items():
         route = routes[operation_id]
         private = route["auth"] == "bearer_jwt" or operation_id in NO_STORE_OPERATIONS
-        no_store = private and route["response_type"] == "json"
         for status, response in op["operation"]["responses"].items():
             where = f"{operation_id} {status}"
-            headers = resolve(spec, response)["headers"]
+            resolved = resolve(spec, response)
+            headers = resolved["headers"]
             nosniff = resolve(spec, headers["X-Content-Type-Options"])
             assert (nosniff["required"], nosniff["schema"]) == (True, {"const": "nosniff"}), where
             cache = resolve(spec, headers.get("Cache-Control", {}))
-            if route["response_type"] == "sse" and status == "200":
-                assert (cache["required"], cache["schema"]) == (True, {"const": "no-cache, no-transform"}), where
-            elif no_store:
-                assert cache.get("schema") == {"const": "no-store"}, f"{where}: Cache-Control no-store undocumented"
-                # A response component shared with an operation that sends no no-store cannot require it.
-                assert cache["required"] is True or "$ref" in response, f"{where}: no-store not required"
-            else:
+            sent = cache_controls_sent(operation_id, private, status, set(resolved.get("content", {})))
+            if not sent:
                 assert not cache.get("required"), f"{where}: the app sends no Cache-Control here"
+                continue
+            schema = cache.get("schema", {})
+            documented = {schema["const"]} if "const" in schema else set(schema.get("enum", []))
+            assert documented == sent, f"{where}: Cache-Control {sorted(documented)} documented, {sorted(sent)} sent"
+            # A response component shared with an operation that sends no no-store cannot require it.
+            assert cache["required"] is True or ("$ref" in response and sent == {"no-store"}), f"{where}: not required"
 
 
 def test_only_the_login_operations_are_json_only(route_tables: dict[str, list[dict[str, str]]]) -> None:
@@ -493,7 +747,8 @@ def test_only_the_login_operations_are_json_only(route_tables: dict[str, list[di
     spec = load_spec()
     operations = spec_operations(spec)
     json_only = {route["operation_id"] for table in route_tables.values() for route in table if route["json_only"]}
-    assert json_only == {"send_code", "login"}
+    assert json_only == {"send_code", "login", "register", "login_password", "token_refresh"}
+    assert json_only <= NO_STORE_OPERATIONS  # each answers a token, or takes a password
     assert {op_id for op_id, op in operations.items() if "415" in op["operation"]["responses"]} == json_only
 
 
@@ -588,7 +843,7 @@ def test_contract_catalog_matches_the_document_and_the_routes(route_tables: dict
 
 @dataclass
 class LiveServices:
-    """Both services running on one SQLite database, and a bearer token of the test account."""
+    """Both services running on one database, and a bearer token of the test account."""
 
     login: ServerProcess
     chat_url: str
@@ -656,18 +911,75 @@ class LiveServices:
 
 
 @pytest.fixture(scope="module")
-def live(start_server, fake_llm_server, tmp_path_factory: pytest.TempPathFactory) -> LiveServices:
-    """LoginService (console SMS) and ChatService (fake upstream) on a fresh SQLite database.
+def fake_tools_server() -> Iterator[FakeTools]:
+    """The loopback fakes of every tool provider (AMap, QWeather, Baidu's and Toutiao's boards)."""
+    fake = FakeTools().start()
+    yield fake
+    fake.stop()
 
-    The test account's naitang conversation is seeded with one exchange, so regenerate and edit have a
-    user message to work on from the start.
+
+@pytest.fixture(scope="module")
+def fake_tts_server() -> Iterator[FakeTts]:
+    """The loopback fake of DashScope's text-to-speech API (it takes the model's key, as the service sends it)."""
+    fake = FakeTts(api_key="test-llm-key").start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def live_db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A fresh database of the services' own on each backend (MySQL only with AICHAT_TEST_MYSQL_URL)."""
+    if request.param == "mysql":
+        with fresh_mysql_database("aichat_openapi") as url:
+            yield url
+    else:
+        yield f"sqlite:///{tmp_path_factory.mktemp('openapi-db') / 'aichat.db'}"
+
+
+@pytest.fixture(scope="module")
+def live(
+    start_server,
+    fake_llm_server,
+    fake_tools_server: FakeTools,
+    fake_tts_server: FakeTts,
+    live_db_url: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> LiveServices:
+    """LoginService (console SMS) and ChatService on a fresh database, every provider a loopback fake.
+
+    The model is FakeLLM, the tools' providers FakeTools, text-to-speech FakeTts, and the audio store a
+    directory of the test's own (LoginService sees it too, to erase a deleted account's audio): no request,
+    generated or not, leaves the machine. The test account's naitang conversation is seeded with one
+    exchange, so regenerate and edit have a user message to work on from the start.
     """
-    db_url = f"sqlite:///{tmp_path_factory.mktemp('openapi-db') / 'aichat.db'}"
+    db_url = live_db_url
+    audio_dir = str(tmp_path_factory.mktemp("openapi-audio"))  # one per backend: message ids overlap
     fake_llm_server.reset()  # no scripted failure left over from another test
-    login = start_server("login", AICHAT_DB_URL=db_url)
-    # The per-user chat limits would turn most generated streams into 429s: lift them so streams get tested.
-    limits = {"AICHAT_CHAT_MESSAGES_PER_MINUTE": 1_000_000, "AICHAT_CHAT_MAX_CONCURRENT_STREAMS": 1_000}
-    chat = start_server("chat", **chat_env(fake_llm_server, db_url, **limits))
+    fake_tools_server.reset()
+    fake_tts_server.reset()
+    login = start_server("login", AICHAT_DB_URL=db_url, AICHAT_AUDIO_DIR=audio_dir)
+    # The per-user limits would turn most generated requests into 429s: lift them so the operations get tested.
+    limits = {
+        "AICHAT_CHAT_MESSAGES_PER_MINUTE": 1_000_000,
+        "AICHAT_CHAT_MAX_CONCURRENT_STREAMS": 1_000,
+        "AICHAT_TOOL_EXECUTE_PER_MINUTE": 1_000_000,
+        "AICHAT_VOICE_PER_MINUTE": 1_000_000,
+        "AICHAT_VOICE_CHARS_PER_DAY": 1_000_000_000,
+    }
+    providers = {
+        **fake_tools_server.env(),
+        "AICHAT_DASHSCOPE_BASE_URL": fake_tts_server.base_url,
+        "AICHAT_AUDIO_STORE": "local",
+        "AICHAT_AUDIO_DIR": audio_dir,
+        "AICHAT_TOOL_TIMEOUT": "5",
+        "AICHAT_TTS_TIMEOUT": "5",
+    }
+    env = chat_env(fake_llm_server, db_url, **limits, **providers)
+    # Every provider the settings can name (ENV_VARS lists them all, a new one included) is on loopback.
+    provider_urls = {name for name, (field, _) in ENV_VARS.items() if field.endswith("_base_url")}
+    outside = {name: env.get(name) for name in provider_urls if not str(env.get(name, "")).startswith(LOOPBACK)}
+    assert not outside, f"providers a generated request could reach outside this machine: {outside}"
+    chat = start_server("chat", **env)
     answer = requests.post(f"{login.base_url}/login", json=TEST_ACCOUNT, timeout=30)
     assert answer.status_code == 200, answer.text
     operations = spec_operations(load_spec())
@@ -687,9 +999,13 @@ def live(start_server, fake_llm_server, tmp_path_factory: pytest.TempPathFactory
 
 
 def error_shape(ctx: schemathesis.CheckContext, response: schemathesis.Response, case: schemathesis.Case) -> None:
-    """Every non-2xx answer is the contract's error JSON with a known code and the status that code uses."""
+    """Every 4xx and 5xx answer is the contract's error JSON with a known code and the status that code uses.
+
+    (A 2xx is a success; /chat/voice's 302 and 304 have no body.)
+    """
     assert response.headers.get("x-request-id"), "no X-Request-Id header"
-    if 200 <= response.status_code < 300:
+    if response.status_code < 400:
+        assert response.status_code < 300 or not response.content, "a redirect or 304 with a body"
         return
     content_type = (response.headers.get("content-type") or [""])[0]
     assert content_type.startswith("application/json"), f"error answered as {content_type!r}: {response.text[:200]!r}"
@@ -706,7 +1022,17 @@ def error_shape(ctx: schemathesis.CheckContext, response: schemathesis.Response,
 def not_a_server_error(
     ctx: schemathesis.CheckContext, response: schemathesis.Response, case: schemathesis.Case
 ) -> None:
-    """With healthy fakes no request may end in a 5xx (500, 502 and 504 are documented but never expected)."""
+    """With healthy fakes no request may end in a 5xx (500, 502 and 504 are documented but never expected).
+
+    Except a tool run by hand that fails on what it was given: a city or a time zone nobody knows is the
+    tool's 502 `ToolFailed` however healthy its provider is.
+    """
+    if response.status_code == 502 and case.operation.path == "/chat/tool/execute":
+        body = json.loads(response.text)
+        assert body["code"] == "ToolFailed", body
+        arguments = case.body.get("arguments") if isinstance(case.body, dict) else None
+        assert isinstance(arguments, dict) and {"city", "timezone"} & set(arguments), (case.body, body)
+        return
     assert response.status_code < 500, f"server error {response.status_code}: {response.text[:300]!r}"
 
 
@@ -778,27 +1104,51 @@ SCHEMA = schemathesis.openapi.from_dict(
 )
 
 
+def spread_idempotency_keys(case: schemathesis.Case, n: int) -> None:
+    """Make a generated turn case's well-formed idempotency key its own (header and body alike).
+
+    The generator draws keys from a small space, so without this most cases of a turn operation would
+    reuse an earlier case's key with another body and answer 422; malformed keys are left as generated
+    (400), and repeats of one key are pinned by the hand-written tests below.
+    """
+    fresh: dict[str, str] = {}
+
+    def own(key: Any) -> Any:
+        return fresh.setdefault(key, f"{key[:40]}-{n}") if isinstance(key, str) and KEY_RE.fullmatch(key) else key
+
+    for name, value in (case.headers or {}).items():
+        if name.lower() == "idempotency-key":
+            case.headers[name] = own(value)
+    if isinstance(case.body, dict) and BODY_FIELD in case.body:
+        case.body[BODY_FIELD] = own(case.body[BODY_FIELD])
+
+
 @SCHEMA.parametrize()
 def test_live_services_conform_to_the_document(case: schemathesis.Case, live: LiveServices) -> None:
     """Generated requests (examples, coverage, fuzzing) get documented, well-formed answers and never a 5xx.
 
-    Every case runs as the test account, except the two that end a session: `logout` gets a fresh token
-    of its own per case (it revokes the token it is sent) and `account_delete` a freshly signed-up
-    throwaway user per case (it erases the user), so neither disturbs the cases after it. Before each
-    `chat_regenerate`/`chat_edit` case for a real role, one exchange is seeded into that conversation so
-    the happy path is reachable whatever `chat_clear`/`chat_delete_message` cases ran before.
+    Every case runs as the test account, except those that end sessions or change the account: `logout`
+    gets a fresh token of its own per case (it ends the session of the token it is sent), and
+    `account_delete` (it erases the user), `logout_all` (it ends every session of the user) and
+    `password_set` (a change ends the user's other sessions) a freshly signed-up throwaway user per case,
+    so none disturbs the cases after it. Before each `chat_regenerate`/`chat_edit` case for a real role,
+    one exchange is seeded into that conversation so the happy path is reachable whatever
+    `chat_clear`/`chat_delete_message` cases ran before. A turn case's idempotency key is made its own
+    (`spread_idempotency_keys`).
     """
     # The operation's own method: the coverage phase also sends other methods to its path (expecting 405).
     operation_id = live.operation_ids[(case.operation.method.upper(), case.operation.path)]
     token = None
     if operation_id == "logout":
         token = live.fresh_test_account_token()
-    elif operation_id == "account_delete":
+    elif operation_id in ("account_delete", "logout_all", "password_set"):
         _, token = live.new_account()
     elif operation_id in ("chat_regenerate", "chat_edit"):
         role_code = case.body.get("role_code") if isinstance(case.body, dict) else None
         if isinstance(role_code, str) and role_code in live.roles:
             live.seed(role_code)
+    if operation_id in TURNS:
+        spread_idempotency_keys(case, next(live.addresses))
     headers = live.headers(case.method, case.path, token)
     case.call_and_validate(base_url=live.base_url(case.path), headers=headers, checks=CHECKS, timeout=30)
 
@@ -894,6 +1244,32 @@ HOSTILE = [
         id="conversation-update-lone-surrogate-id",
     ),
     pytest.param("chat_conversation_delete", {"data": DEEP_JSON}, 400, id="conversation-delete-deeply-nested-json"),
+    pytest.param("register", {"data": DEEP_JSON}, 400, id="register-deeply-nested-json"),
+    pytest.param("register", {"body": {"username": "\ud800abc", "password": "x" * 12}}, 400, id="register-surrogate"),
+    pytest.param("login_password", {"data": b'{"account":"\xff","password":"p"}'}, 400, id="login-password-not-utf8"),
+    pytest.param(
+        "login_password",
+        {"data": '{"account":"a","password":"' + "p" * 70_000 + '"}'},
+        413,
+        id="login-password-body-over-cap",
+    ),
+    pytest.param("token_refresh", {"body": {"refresh_token": "\ud800"}}, 400, id="token-refresh-lone-surrogate"),
+    pytest.param("session_revoke", {"body": {"session_id": 10**400}}, 400, id="session-revoke-huge-integer"),
+    pytest.param("me_update", {"data": DEEP_JSON}, 400, id="me-update-deeply-nested-json"),
+    pytest.param("chat_continue", {"data": DEEP_JSON}, 400, id="continue-deeply-nested-json"),
+    pytest.param("chat_continue", {"body": {"message_id": 10**400}}, 404, id="continue-huge-integer-message-id"),
+    pytest.param(
+        "chat_stream",
+        {"body": {"role_code": "naitang", "message": "hi", "client_message_id": "\ud800"}},
+        400,
+        id="stream-lone-surrogate-client-message-id",
+    ),
+    pytest.param(
+        "chat_send",
+        {"body": {"role_code": "naitang", "message": "hi", "client_message_id": 10**400}},
+        400,
+        id="send-huge-integer-client-message-id",
+    ),
 ]
 
 
@@ -943,6 +1319,7 @@ def call(
     token: str | None = None,
     body: Any = None,
     query: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
     checks: list[Any] | None = None,
     **kwargs: Any,
 ) -> schemathesis.Response:
@@ -952,7 +1329,7 @@ def call(
         case = operation.Case(body=body, media_type="application/json", query=query)
     else:
         case = operation.Case(query=query)
-    headers = live.headers(operation.method, operation.path, token)
+    headers = {**live.headers(operation.method, operation.path, token), **(headers or {})}
     if "data" in kwargs:
         headers["Content-Type"] = "application/json"
     base_url = live.base_url(operation.path)
@@ -987,6 +1364,13 @@ def test_me_answers_the_masked_profile(live: LiveServices) -> None:
         "phone_number": phone[:3] + "****" + phone[-4:],
         "country_code": "86",
         "created_at": user["created_at"],
+        # A phone account has no username, email or profile yet, and no password.
+        "username": None,
+        "email": None,
+        "nickname": None,
+        "avatar_url": None,
+        "bio": None,
+        "has_password": False,
     }
 
 
@@ -1493,6 +1877,9 @@ def test_another_users_conversation_is_not_found(live: LiveServices) -> None:
         pytest.param("send_code", "text/plain", id="send-code-text-plain"),
         pytest.param("send_code", None, id="send-code-no-content-type"),
         pytest.param("login", "application/x-www-form-urlencoded", id="login-form"),
+        pytest.param("register", "text/plain", id="register-text-plain"),
+        pytest.param("login_password", "application/x-www-form-urlencoded", id="login-password-form"),
+        pytest.param("token_refresh", None, id="token-refresh-no-content-type"),
     ],
 )
 def test_login_operations_refuse_a_non_json_body_as_documented(
@@ -1562,3 +1949,197 @@ def test_lifecycle_hooks_are_unknown_paths_to_clients(
         body = response.json()
         response_validator("NotFound").validate(body)
         assert body["code"] == "NotFound"
+
+
+# -- voice, continuations, idempotency keys and password accounts, by hand --------------------------------
+
+PASSWORD = "晚风轻拂西湖-2026"
+LOGIN_FIELDS = {"success", "message", "token_type", "access_token", "expires_in", "user", "is_test_account"}
+
+
+def stored_reply(live: LiveServices, fake_llm: FakeLLM, token: str, text: str) -> int:
+    """Have naitang say `text` (scripted) through /chat/send; the stored reply's id."""
+    fake_llm.enqueue(text=text)
+    sent = answer(call(live, "chat_send", token=token, body={"role_code": "naitang", "message": "说点什么"}), 200)
+    return sent["message"]["id"]
+
+
+def test_voice_serves_the_documented_audio(
+    live: LiveServices, fake_llm_server: FakeLLM, fake_tts_server: FakeTts
+) -> None:
+    """/chat/voice: the MP3 with its validators, then 304, 206 and 416 exactly as documented; one synthesis."""
+    _, token = live.new_account()
+    message_id = stored_reply(live, fake_llm_server, token, "喵～（蹭蹭你）今天也要**开心**哦！😺")
+    synthesised = fake_tts_server.synth_count()
+    voice = {"message_id": message_id}
+    whole = call(live, "chat_voice", token=token, query=voice)
+    assert whole.status_code == 200, whole.text[:300]
+    headers = whole.headers
+    assert headers["content-type"] == ["audio/mpeg"] and int(headers["content-length"][0]) == len(whole.content)
+    assert (headers["cache-control"], headers["accept-ranges"]) == ([voice_cache_control()], ["bytes"])
+    assert whole.content[0] == 0xFF and whole.content[1] & 0xE0 == 0xE0  # an MPEG audio frame's sync
+    etag = headers["etag"][0]
+    unchanged = call(live, "chat_voice", token=token, query=voice, headers={"If-None-Match": etag})
+    assert (unchanged.status_code, unchanged.content) == (304, b"")
+    assert unchanged.headers["etag"] == [etag] and unchanged.headers["cache-control"] == [voice_cache_control()]
+    part = call(live, "chat_voice", token=token, query=voice, headers={"Range": "bytes=0-99"})
+    assert (part.status_code, part.content) == (206, whole.content[:100])
+    assert part.headers["content-range"] == [f"bytes 0-99/{len(whole.content)}"]
+    for unserved in (f"bytes={len(whole.content)}-", "bytes=0-1,4-5", "items=0-1"):
+        refused = call(live, "chat_voice", token=token, query=voice, headers={"Range": unserved})
+        answer(refused, 416, "InvalidInput")
+        assert "content-range" not in refused.headers and refused.headers["cache-control"] == ["no-store"]
+    stale = call(live, "chat_voice", token=token, query=voice, headers={"Range": "bytes=0-9", "If-Range": '"x"'})
+    assert (stale.status_code, stale.content) == (200, whole.content)
+    assert fake_tts_server.synth_count() == synthesised + 1  # made once, served from the store after
+
+    user_message = history(live, token)["messages"][-2]["id"]
+    answer(call(live, "chat_voice", token=token, query={"message_id": user_message}), 400, "InvalidInput")
+    silent = stored_reply(live, fake_llm_server, token, "（摇尾巴）😺")
+    answer(call(live, "chat_voice", token=token, query={"message_id": silent}), 400, "InvalidInput")
+    answer(call(live, "chat_voice", token=token), 400, "InvalidInput")
+    answer(call(live, "chat_voice", token=token, query={"message_id": 0}), 400, "InvalidInput")
+    answer(call(live, "chat_voice", query=voice), 404, "MessageNotFound")  # the test account's view of it
+
+
+def test_continue_streams_only_the_new_text(live: LiveServices, fake_llm_server: FakeLLM) -> None:
+    """/chat/continue: `continues` in the meta frame, only the new text, the same reply grown and complete."""
+    _, token = live.new_account()
+    fake_llm_server.enqueue(chunks=["一", "二", "三"], drop_after=2)
+    body = {"role_code": "naitang", "message": "数数"}
+    cut = streamed(call(live, "chat_stream", token=token, body=body, checks=FAILURE_CHECKS))
+    reply_id = cut[-1]["x_event"]["message_id"]
+    asked, partial = history(live, token)["messages"]
+    assert (partial["id"], partial["content"], partial["is_partial"]) == (reply_id, "一二", True)
+    fake_llm_server.enqueue(chunks=["三", "四"])
+    key = {"Idempotency-Key": "k_" + secrets.token_hex(8)}
+    chunks = streamed(call(live, "chat_continue", token=token, body={"message_id": reply_id}, headers=key))
+    meta, done = chunks[0]["x_event"], chunks[-1]["x_event"]
+    assert (meta["message_id"], meta["continues"], meta["role_code"]) == (None, reply_id, "naitang")
+    assert (done["type"], done["message_id"]) == ("done", reply_id)
+    assert reply_text(chunks) == "三四"
+    again = streamed(call(live, "chat_continue", token=token, body={"message_id": reply_id}, headers=key))
+    assert (again[0]["x_event"]["continues"], again[0]["x_event"]["replayed"]) == (reply_id, True)
+    assert reply_text(again) == "三四"  # a repeat too streams only what the continuation added
+    messages = history(live, token)["messages"]
+    assert [m["id"] for m in messages] == [asked["id"], reply_id]  # no new rows
+    assert (messages[1]["content"], messages[1]["is_partial"]) == ("一二三四", False)
+    answer(call(live, "chat_continue", token=token, body={"message_id": reply_id}), 400, "InvalidInput")  # complete
+    answer(call(live, "chat_continue", token=token, body={"message_id": asked["id"]}), 400, "InvalidInput")
+    answer(call(live, "chat_continue", token=token, body={}), 400, "InvalidInput")
+    answer(call(live, "chat_continue", body={"message_id": reply_id}), 404, "MessageNotFound")  # another user's
+
+
+def test_idempotency_keys_answer_as_documented(live: LiveServices, fake_llm_server: FakeLLM) -> None:
+    """A repeat is the stored outcome (`replayed`), 409 while the first runs, 422 for another body, 400 if malformed."""
+    _, token = live.new_account()
+    body = {"role_code": "naitang", "message": "在吗"}
+    key = {"Idempotency-Key": "k_" + secrets.token_hex(8)}
+    fake_llm_server.enqueue(chunks=["你", "好"], usage={"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11})
+    first = streamed(call(live, "chat_stream", token=token, body=body, headers=key))
+    asked = len(fake_llm_server.requests)
+    again = streamed(call(live, "chat_stream", token=token, body=body, headers=key))
+    assert (again[0]["x_event"]["replayed"], again[-1]["x_event"]["replayed"]) == (True, True)
+    for frame in (0, -1):
+        assert again[frame]["x_event"]["message_id"] == first[frame]["x_event"]["message_id"]
+    assert reply_text(again) == reply_text(first) and again[-1]["x_event"]["usage"]["prompt_tokens"] == 9
+    assert len(fake_llm_server.requests) == asked and len(history(live, token)["messages"]) == 2
+
+    answer(
+        call(live, "chat_stream", token=token, body={**body, "message": "另一句"}, headers=key),
+        422,
+        "IdempotencyKeyReused",
+    )
+    answer(call(live, "chat_send", token=token, body=body, headers=key), 422, "IdempotencyKeyReused")
+    for bad in ({"Idempotency-Key": "has space"}, {"Idempotency-Key": "x" * 65}, {"Idempotency-Key": ""}):
+        answer(call(live, "chat_send", token=token, body=body, headers=bad), 400, "InvalidInput")
+    mismatch = {**body, "client_message_id": "a"}
+    answer(call(live, "chat_send", token=token, body=mismatch, headers={"Idempotency-Key": "b"}), 400, "InvalidInput")
+
+    sent_body = {**body, "client_message_id": "k_" + secrets.token_hex(8)}
+    sent = answer(call(live, "chat_send", token=token, body=sent_body), 200)
+    assert answer(call(live, "chat_send", token=token, body=sent_body), 200) == sent
+
+    fake_llm_server.enqueue(chunks=["慢", "慢", "说"], delay=0.6)
+    slow = {"Idempotency-Key": "k_" + secrets.token_hex(8)}
+    running = requests.post(
+        f"{live.chat_url}/chat/stream",
+        json=body,
+        headers={**live.headers("POST", "/chat/stream", token), **slow},
+        stream=True,
+        timeout=30,
+    )
+    lines = running.iter_lines()
+    next(lines)  # the first frame arrived: the turn runs
+    busy = call(live, "chat_stream", token=token, body=body, headers=slow)
+    answer(busy, 409, "RequestInProgress")
+    assert int(busy.headers["retry-after"][0]) >= 1
+    list(lines)
+    running.close()
+
+
+def test_password_accounts_and_sessions_answer_as_documented(live: LiveServices) -> None:
+    """Register, password login, profile, sessions, refresh with rotation, a password change, logout everywhere."""
+    name = "u_" + secrets.token_hex(5)
+    account = {"username": name, "password": PASSWORD, "email": f"{name}@example.com", "nickname": "小晚"}
+    registered = answer(call(live, "register", body=account), 200)["user"]
+    assert (registered["username"], registered["email"]) == (name, f"{name[0]}***@example.com")
+    answer(call(live, "register", body={"username": name.upper(), "password": PASSWORD}), 409, "AccountExists")
+    answer(call(live, "register", body={"username": "ab", "password": PASSWORD}), 400, "InvalidInput")
+
+    def login(**fields: Any) -> dict[str, Any]:
+        return answer(call(live, "login_password", body={"account": name, "password": PASSWORD, **fields}), 200)
+
+    first = login()
+    assert set(first) == LOGIN_FIELDS | {"refresh_token", "refresh_expires_in"}
+    assert first["user"] == {"uid": registered["uid"], "phone_number": "", "country_code": ""}
+    assert first["is_test_account"] is False
+    wrong = {"account": name, "password": "wrong-pass-123"}
+    answer(call(live, "login_password", body=wrong), 401, "InvalidCredentials")
+    answer(call(live, "login_password", body={"account": "u_" + secrets.token_hex(5), "password": PASSWORD}), 401)
+    token = first["access_token"]
+    me = answer(call(live, "me", token=token), 200)["user"]
+    assert (me["username"], me["nickname"], me["has_password"], me["phone_number"]) == (name, "小晚", True, "")
+    update = {"nickname": " 晚风 ", "bio": None, "avatar_url": "https://cdn.example.com/a.png"}
+    updated = answer(call(live, "me_update", token=token, body=update), 200)["user"]
+    assert (updated["nickname"], updated["bio"], updated["avatar_url"]) == ("晚风", None, update["avatar_url"])
+    answer(call(live, "me_update", token=token, body={"username": "x"}), 400, "InvalidInput")
+
+    second = login(account=name.upper())
+    listed = answer(call(live, "sessions", token=token), 200)["sessions"]
+    assert len(listed) == 2 and [s["current"] for s in listed].count(True) == 1
+    other = next(s["session_id"] for s in listed if not s["current"])
+    assert answer(call(live, "session_revoke", token=token, body={"session_id": other}), 200)["success"] is True
+    answer(call(live, "me", token=second["access_token"]), 401, "Unauthorized")
+    answer(call(live, "session_revoke", token=token, body={"session_id": other}), 404, "SessionNotFound")
+
+    refreshed = answer(call(live, "token_refresh", body={"refresh_token": first["refresh_token"]}), 200)
+    assert refreshed["refresh_token"] != first["refresh_token"]
+    assert answer(call(live, "me", token=refreshed["access_token"]), 200)["user"]["uid"] == registered["uid"]
+    spent = {"refresh_token": first["refresh_token"]}
+    answer(call(live, "token_refresh", body=spent), 401, "Unauthorized")  # reused: the session ends
+    answer(call(live, "me", token=refreshed["access_token"]), 401, "Unauthorized")
+    answer(call(live, "token_refresh", body={}), 400, "InvalidInput")
+
+    here, there = login()["access_token"], login()["access_token"]
+    new_password = {"new_password": "another-Secret-42"}
+    answer(call(live, "password_set", token=here, body=new_password), 400, "InvalidInput")  # current one needed
+    guess = {**new_password, "current_password": "nope-nope"}
+    answer(call(live, "password_set", token=here, body=guess), 401, "InvalidCredentials")
+    changed = answer(call(live, "password_set", token=here, body={**new_password, "current_password": PASSWORD}), 200)
+    assert changed == {"success": True, "message": "密码已修改", "ended_sessions": 1}
+    answer(call(live, "me", token=there), 401, "Unauthorized")
+    ended = answer(call(live, "logout_all", token=here), 200)
+    assert ended == {"success": True, "message": "已在所有设备退出登录", "ended_sessions": 1}
+    answer(call(live, "me", token=here), 401, "Unauthorized")
+
+
+def test_a_phone_account_adds_a_password(live: LiveServices) -> None:
+    """/password/set adds a password to an SMS account, which then logs in with its number and refreshes."""
+    phone = random_phone()
+    _, token = live.new_account(phone)
+    added = answer(call(live, "password_set", token=token, body={"new_password": PASSWORD}), 200)
+    assert added == {"success": True, "message": "密码已设置", "ended_sessions": 0}
+    logged = answer(call(live, "login_password", body={"account": phone, "password": PASSWORD}), 200)
+    assert logged["user"]["phone_number"] == phone and logged["refresh_expires_in"] > 0
+    assert answer(call(live, "me", token=token), 200)["user"]["has_password"] is True  # nothing ended
