@@ -379,3 +379,9 @@ def test_account_deletion_erases_the_password_sessions_and_refresh_tokens(login,
     assert_error(login.post("/token/refresh", {"refresh_token": tokens["refresh_token"]}), 401, "Unauthorized")
     assert_error(password_login(login, user["username"]), 401, "InvalidCredentials")
     register(login, username=user["username"])  # the name is free again
+
+
+def test_an_all_digit_username_logs_in_by_name(login):
+    name = "2026" + secrets.token_hex(3).translate(str.maketrans("abcdef", "123456"))
+    user = register(login, username=name)
+    assert password_login(login, name).json()["user"]["uid"] == user["uid"]

@@ -238,7 +238,8 @@ def _add_cors_headers(response: Response, settings: Settings) -> None:
 
 
 def _add_cors_details(response: Response) -> None:
-    response.headers["Access-Control-Expose-Headers"] = "Retry-After, X-Request-Id"
+    # ETag and Content-Range: a browser client revalidates and ranges the voice clips.
+    response.headers["Access-Control-Expose-Headers"] = "Retry-After, X-Request-Id, ETag, Content-Range"
     if request.method == "OPTIONS":
         response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
         response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type, Idempotency-Key"

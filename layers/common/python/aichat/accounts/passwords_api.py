@@ -67,7 +67,10 @@ class PasswordAccounts:
             if digits.startswith("+") and number.startswith(country_code):
                 number = number[len(country_code) :]
             phone = Phone(country_code=country_code, phone_number=number)
-            return users.by_phone(tx, phone=phone), f"phone:{country_code}:{number}"
+            row = users.by_phone(tx, phone=phone)
+            if row is not None or digits.startswith("+"):
+                return row, f"phone:{country_code}:{number}"
+            # Not a phone anyone signed in with: an all-digit username, then.
         key = account.strip().casefold()
         return users.by_username(tx, username_key=key), f"user:{key}"
 
