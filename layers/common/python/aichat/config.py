@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from functools import cached_property
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -26,6 +26,10 @@ TTS_PROVIDERS = ("qwen", "cosyvoice")
 AUDIO_STORES = ("local", "oss")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 MIN_PRODUCTION_SECRET_BYTES = 32
+
+
+# The numeric settings 0 is valid for.
+MAY_BE_ZERO = frozenset({"code_resend_cooldown_s"})
 
 
 class ConfigError(ValueError):
@@ -196,112 +200,10 @@ class Settings:
         return ZoneInfo(self.timezone)
 
     def validate(self) -> None:
-        """Refuse settings the services cannot run with."""
-        if self.env not in ENVIRONMENTS:
-            raise ConfigError(f"AICHAT_ENV must be one of {', '.join(ENVIRONMENTS)}")
-        if not self.jwt_secret:
-            raise ConfigError("AICHAT_JWT_SECRET is required (make run generates one for local use)")
-        if self.sms_provider not in SMS_PROVIDERS:
-            raise ConfigError(f"AICHAT_SMS_PROVIDER must be one of {', '.join(SMS_PROVIDERS)}")
-        if self.roles_file and not os.path.isfile(self.roles_file):
-            raise ConfigError(f"AICHAT_ROLES_FILE does not exist: {self.roles_file}")
-        if self.db_url and not self.db_url.startswith(("sqlite:///", "mysql://")):
-            raise ConfigError("AICHAT_DB_URL must start with sqlite:/// or mysql://")
-        if self.log_level not in LOG_LEVELS:
-            raise ConfigError(f"AICHAT_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}")
-        if self.weather_provider not in WEATHER_PROVIDERS:
-            raise ConfigError(f"AICHAT_WEATHER_PROVIDER must be one of {', '.join(WEATHER_PROVIDERS)}")
-        unknown = [source for source in self.news_sources if source not in NEWS_SOURCES]
-        if unknown:
-            raise ConfigError(f"AICHAT_NEWS_SOURCES: unknown source {unknown[0]!r} (known: {', '.join(NEWS_SOURCES)})")
-        for name in ("amap_base_url", "qweather_base_url", "baidu_base_url", "toutiao_base_url"):
-            value = getattr(self, name)
-            if value and not value.startswith(("https://", "http://")):
-                raise ConfigError(f"{env_name(name)} must be an http(s) URL")
-        if self.tts_provider not in TTS_PROVIDERS:
-            raise ConfigError(f"AICHAT_TTS_PROVIDER must be one of {', '.join(TTS_PROVIDERS)}")
-        if self.audio_store not in AUDIO_STORES:
-            raise ConfigError(f"AICHAT_AUDIO_STORE must be one of {', '.join(AUDIO_STORES)}")
-        if self.audio_store == "oss" and not (self.oss_endpoint and self.oss_bucket and self.oss_region):
-            raise ConfigError(
-                "AICHAT_AUDIO_STORE=oss needs AICHAT_OSS_ENDPOINT, AICHAT_OSS_BUCKET and AICHAT_OSS_REGION"
-            )
-        if self.oss_endpoint and not self.oss_endpoint.startswith(("https://", "http://")):
-            raise ConfigError("AICHAT_OSS_ENDPOINT must be an http(s) URL")
-        if not self.dashscope_base_url.startswith(("https://", "http://")):
-            raise ConfigError("AICHAT_DASHSCOPE_BASE_URL must be an http(s) URL")
-        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigError("AICHAT_REDIS_URL must start with redis://, rediss:// (TLS) or unix://")
-        if self.tool_max_rounds > 10:
-            raise ConfigError("AICHAT_TOOL_MAX_ROUNDS must be at most 10")
-        for origin in self.cors_origins:
-            if origin != "*" and (origin.endswith("/") or "://" not in origin):
-                raise ConfigError(f"AICHAT_CORS_ORIGINS: {origin!r} is not an origin (scheme://host[:port], no slash)")
-        if self.llm_model not in self.llm_models:
-            raise ConfigError("AICHAT_LLM_MODELS must include AICHAT_LLM_MODEL")
-        try:
-            ZoneInfo(self.timezone)
-        except (ZoneInfoNotFoundError, ValueError) as exc:
-            raise ConfigError(f"AICHAT_TIMEZONE is not a known time zone: {self.timezone}") from exc
-        for name in (
-            "jwt_ttl_s",
-            "db_pool_size",
-            "trusted_proxy_hops",
-            "login_body_limit",
-            "chat_body_limit",
-            "code_ttl_s",
-            "code_max_attempts",
-            "refresh_ttl_s",
-            "password_fail_window_s",
-            "password_fail_per_account",
-            "password_fail_per_ip",
-            "message_max_chars",
-            "image_max_bytes",
-            "context_tokens",
-            "reply_reserve_tokens",
-            "history_max_messages",
-            "chat_messages_per_minute",
-            "chat_max_concurrent_streams",
-            "stream_lease_s",
-            "db_connect_timeout_s",
-            "reply_max_chars",
-            "reply_max_seconds",
-            "reply_checkpoint_s",
-            "reply_save_window_s",
-            "sse_heartbeat_s",
-            "db_request_budget_s",
-            "idempotency_ttl_s",
-            "redis_timeout_s",
-            "tool_timeout_s",
-            "tool_max_rounds",
-            "tool_output_max_chars",
-            "tool_execute_per_minute",
-            "news_cache_s",
-            "tts_connect_timeout_s",
-            "tts_read_timeout_s",
-            "tts_parallel",
-            "voice_per_minute",
-            "voice_chars_per_day",
-            "oss_url_ttl_s",
-            "db_read_timeout_s",
-            "llm_connect_timeout_s",
-            "llm_read_timeout_s",
-            "sms_connect_timeout_ms",
-            "sms_read_timeout_ms",
-            "code_max_per_phone_per_day",
-            "code_max_per_ip_per_day",
-        ):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{env_name(name)} must be positive")
-        if self.code_resend_cooldown_s < 0:
-            raise ConfigError("AICHAT_CODE_RESEND_COOLDOWN must not be negative")
-        if self.is_production and len(self.jwt_secret.encode()) < MIN_PRODUCTION_SECRET_BYTES:
-            raise ConfigError(f"AICHAT_JWT_SECRET must be at least {MIN_PRODUCTION_SECRET_BYTES} bytes in production")
-        if self.is_production and self.service == "login":
-            if self.sms_provider == "console":
-                raise ConfigError("the console SMS provider is for local runs only; use dysms in production")
-            if not (self.sms_sign_name and self.sms_template_code):
-                raise ConfigError("AICHAT_SMS_SIGN_NAME and AICHAT_SMS_TEMPLATE_CODE are required in production")
+        """Refuse settings the services cannot run with (the rules: config_rules.py)."""
+        from .config_rules import check
+
+        check(self)
 
 
 def env_name(field_name: str) -> str:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import secrets
 import socket
 from collections.abc import Callable
 from functools import partial
@@ -14,9 +12,9 @@ from ..config import Settings
 from ..errors import ApiError
 from ..llm import LlmClient
 from ..store import Database, Tx
-from ..tools.base import InvalidArguments, ToolContext, parse_arguments
+from ..tools.base import ToolContext
 from ..tools.registry import ToolRegistry
-from . import conversations, idempotency, input, messages, replay, upstream_request
+from . import conversations, idempotency, input, messages, replay, skill_turn, upstream_request
 from .context import IMAGE_ONLY_PLACEHOLDER, stored_text
 from .conversations import Conversation
 from .history import format_time
@@ -26,7 +24,7 @@ from .relay import StreamRelay
 from .roles import RoleCatalog
 from .spool import Spool
 from .targets import check_role, resolve
-from .tooluse import ToolRounds, parse_trace, public_trace
+from .tooluse import ToolRounds, public_trace
 from .turn import Reply, Turn, TurnPolicy
 
 log = logging.getLogger("aichat.chat")
@@ -86,17 +84,17 @@ class ChatService:
         self, uid: str, body: dict[str, Any], *, client: socket.socket | None = None, key: str | None = None
     ) -> StreamRelay:
         """POST /chat/skill: run one of the role's skills now; the role then answers about its result."""
-        return self._relay(self._skill_turn(uid, body, Keyed("skill", body, key)), client, uid)
+        return self._relay(skill_turn.start(self, uid, body, Keyed("skill", body, key)), client, uid)
 
     def skill_send(self, uid: str, body: dict[str, Any], *, key: str | None = None) -> dict[str, Any]:
         """POST /chat/skill?stream=0: the same, answered as /chat/send answers."""
         keyed = Keyed("skill_send", body, key)
-        return self.complete(uid, self._skill_turn(uid, body, keyed), keyed)
+        return self.complete(uid, skill_turn.start(self, uid, body, keyed), keyed)
 
     def complete(self, uid: str, turn: Turn | Replay, keyed: Keyed | None = None) -> dict[str, Any]:
         """Run a turn to its end and answer it as JSON (the /chat/send shape)."""
         if isinstance(turn, Replay):
-            return self._replayed_json(uid, turn)
+            return replay.answer_json(self.db, self.settings, uid, turn)
         try:
             for _ in turn.frames():
                 pass
@@ -164,51 +162,6 @@ class ChatService:
         turn = self._start(uid, target, write, keyed=keyed)
         self.on_removed(uid)
         return self._relay(turn, client, uid)
-
-    def _skill_turn(self, uid: str, body: dict[str, Any], keyed: Keyed) -> Turn | Replay:
-        role_code = body.get("role_code")
-        if role_code is None or role_code == "":
-            raise ApiError("InvalidInput", "缺少必填参数 role_code")
-        target = input.target(body)
-        role = self.roles.get(role_code)
-        skill_code = body.get("skill_code")
-        if not isinstance(skill_code, str) or not skill_code:
-            raise ApiError("InvalidInput", "缺少必填参数 skill_code")
-        skill = role.skill(skill_code)
-        if skill is None or not self.tools.available(skill.tool):
-            raise ApiError("SkillNotFound")
-        tool = self.tools.get(skill.tool)
-        if tool is None:  # web search is a flag on the model's request, used as the chat goes
-            raise ApiError("InvalidInput", "这个技能会在聊天中自动使用，不能单独调用")
-        raw_args = body.get("arguments")
-        if raw_args is not None and not isinstance(raw_args, dict):
-            raise ApiError("InvalidInput", "参数 arguments 必须是对象")
-        try:
-            args = parse_arguments(raw_args or {}, tool.parameters)
-        except InvalidArguments as exc:
-            raise ApiError("InvalidInput", f"arguments：{exc}") from exc
-        overrides = input.turn_overrides(body, self.settings)
-        shown = "，".join(str(v) for v in args.values())
-        text = f"（使用技能「{skill.name}」{'：' + shown if shown else ''}）"
-        call = {
-            "id": f"call_{secrets.token_hex(12)}",
-            "name": tool.name,
-            "arguments": json.dumps(args, ensure_ascii=False),
-        }
-
-        def write(tx: Tx, conversation: Conversation) -> tuple[input.TurnInput, int]:
-            message_id = messages.add_user_message(
-                tx,
-                uid=uid,
-                role_code=conversation.role_code,
-                conversation_id=conversation.id,
-                text=text,
-                has_image=False,
-            )
-            conversations.touch(tx, conversation_id=conversation.id, first_text=None if conversation.title else text)
-            return input.TurnInput(text=text, image=None, overrides=overrides), message_id
-
-        return self._start(uid, target, write, first_calls=[call], keyed=keyed)
 
     # -- the common path -----------------------------------------------------------------------------
     def _new_message(self, uid: str, body: dict[str, Any], keyed: Keyed) -> Turn | Replay:
@@ -330,53 +283,13 @@ class ChatService:
         return started
 
     def _settle(self, uid: str, key: str, turn: Turn) -> None:
-        """The keyed turn ended: a repeat answers its stored reply (and its in-band error, if it had one)."""
-        error = ApiError(turn.error_code) if turn.error_code else None
-        try:
-            with self.db.tx() as tx:
-                idempotency.finish(tx, uid=uid, key=key, reply_message_id=turn.message_id, error=error)
-        except ApiError:
-            log.warning("could not record an idempotent send's outcome; a repeat answers what was stored")
-
-    def _replayed_json(self, uid: str, seen: Replay) -> dict[str, Any]:
-        """A repeat of /chat/send: the first answer again (or, if it was never recorded, rebuilt)."""
-        if seen.status == "failed" or seen.error_code:
-            raise replay.refused(seen)
-        if seen.response is not None:
-            return seen.response
-        row = self._reply_row(uid, seen)
-        if row is None:
-            raise ApiError("InternalError", "该请求的回复未能保存")
-        message = {name: row[name] for name in ("id", "sender_role", "content", "has_image")}
-        message.update(is_partial=bool(row["is_partial"]), created_at=format_time(row["created_at"], self.settings))
-        message["has_image"] = bool(message["has_image"])
-        if row.get("reasoning_content"):
-            message["reasoning_content"] = row["reasoning_content"]
-        if row.get("tool_calls"):
-            message["tools"] = public_trace(parse_trace(row["tool_calls"]))
-        message["usage"] = replay.usage_of(row)
-        return {
-            "success": True,
-            "message": message,
-            "user_message_id": seen.user_message_id,
-            "conversation_id": seen.conversation_id,
-        }
-
-    def _reply_row(self, uid: str, seen: Replay) -> dict[str, Any] | None:
-        def read(tx: Tx) -> dict[str, Any] | None:
-            if seen.reply_message_id is not None:
-                return messages.get(tx, uid=uid, message_id=seen.reply_message_id)
-            if seen.conversation_id is None or seen.user_message_id is None:
-                return None
-            return messages.first_reply_after(tx, conversation_id=seen.conversation_id, message_id=seen.user_message_id)
-
-        return self.db.read(read)
+        replay.settle(self.db, uid, key, turn)
 
     def _relay(self, turn: Turn | Replay, client: socket.socket | None, uid: str = "") -> StreamRelay:
         if isinstance(turn, Replay):
             if turn.status == "failed":
                 raise replay.refused(turn)
-            row = self._reply_row(uid, turn)
+            row = replay.reply_row(self.db, uid, turn)
             role_code = row.get("role_code") if row else None
             frames = replay.frames(turn, row, model=self.settings.llm_model, role_code=role_code)
             return StreamRelay(

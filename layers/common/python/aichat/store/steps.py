@@ -8,6 +8,9 @@ from typing import Union
 
 from .tx import Tx
 
+# What every MySQL table is created with.
+MYSQL_TABLE = " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci"
+
 
 @dataclass(frozen=True)
 class AddColumn:
