@@ -20,7 +20,8 @@ from .tooluse import parse_trace
 from .turn import Reply, Turn
 
 if TYPE_CHECKING:
-    from .service import ChatService, Keyed
+    from .idempotency import Keyed
+    from .service import ChatService
 
 CONTINUE_PROMPT = "请从你上一条回复中断的地方继续说下去，不要重复已经说过的内容。"
 
@@ -35,15 +36,7 @@ def start(service: ChatService, uid: str, body: dict[str, Any], keyed: Keyed) ->
     overrides = input.turn_overrides(body, s)
     with service.db.tx() as tx:
         if keyed.key:
-            running_ms = int((s.reply_max_seconds + s.reply_save_window_s + 60) * 1000)
-            seen = idempotency.lookup(
-                tx,
-                uid=uid,
-                key=keyed.key,
-                digest=keyed.digest,
-                ttl_ms=s.idempotency_ttl_s * 1000,
-                running_for_ms=running_ms,
-            )
+            seen = keyed.repeat_of(tx, uid=uid, settings=s)
             if seen is not None:
                 return seen
         slot_id = service.limiter.acquire(tx, uid=uid)

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from ..config import Settings
 from ..errors import ApiError
 from ..store import Row, Tx, now_ms
 
@@ -137,3 +138,26 @@ def finish(
 def delete_for_user(tx: Tx, *, uid: str) -> int:
     """Account deletion."""
     return tx.execute("DELETE FROM idempotency_keys WHERE uid = ?", (uid,))
+
+
+class Keyed:
+    """A request's idempotency key (the header or `client_message_id`) and what it is the key of."""
+
+    def __init__(self, operation: str, body: dict[str, Any], header: str | None) -> None:
+        self.operation = operation
+        self.key = key_of(body, header)
+        self.digest = request_hash(operation, body) if self.key else ""
+
+    def repeat_of(self, tx: Tx, *, uid: str, settings: Settings) -> Replay | None:
+        """An earlier use of this key by the user (see idempotency.lookup); a run older than a reply can last
+        (its bound, plus the save window, plus a minute) lost its instance and counts as finished."""
+        assert self.key
+        running_ms = int((settings.reply_max_seconds + settings.reply_save_window_s + 60) * 1000)
+        return lookup(
+            tx,
+            uid=uid,
+            key=self.key,
+            digest=self.digest,
+            ttl_ms=settings.idempotency_ttl_s * 1000,
+            running_for_ms=running_ms,
+        )

@@ -18,7 +18,7 @@ from . import conversations, idempotency, input, messages, replay, skill_turn, u
 from .context import IMAGE_ONLY_PLACEHOLDER, stored_text
 from .conversations import Conversation
 from .history import format_time
-from .idempotency import Replay
+from .idempotency import Keyed, Replay
 from .limits import ChatLimiter, DbChatLimiter
 from .relay import StreamRelay
 from .roles import RoleCatalog
@@ -206,15 +206,7 @@ class ChatService:
             # first messages to a role cannot race to create its default conversation (an InnoDB deadlock).
             if key:
                 assert keyed is not None
-                running_ms = int((s.reply_max_seconds + s.reply_save_window_s + 60) * 1000)
-                seen = idempotency.lookup(
-                    tx,
-                    uid=uid,
-                    key=key,
-                    digest=keyed.digest,
-                    ttl_ms=s.idempotency_ttl_s * 1000,
-                    running_for_ms=running_ms,
-                )
+                seen = keyed.repeat_of(tx, uid=uid, settings=s)
                 if seen is not None:
                     return seen  # before the limiter: a repeat is not another message
             slot_id = self.limiter.acquire(tx, uid=uid)
@@ -380,15 +372,6 @@ class ChatService:
             body["tools"] = public_trace(reply.tools)
         body["usage"] = reply.usage
         return body
-
-
-class Keyed:
-    """A request's idempotency key (the header or `client_message_id`) and what it is the key of."""
-
-    def __init__(self, operation: str, body: dict[str, Any], header: str | None) -> None:
-        self.operation = operation
-        self.key = idempotency.key_of(body, header)
-        self.digest = idempotency.request_hash(operation, body) if self.key else ""
 
 
 def with_image(turn: input.TurnInput, settings: Settings) -> input.TurnInput:

@@ -15,7 +15,8 @@ from .idempotency import Replay
 from .turn import Turn
 
 if TYPE_CHECKING:
-    from .service import ChatService, Keyed
+    from .idempotency import Keyed
+    from .service import ChatService
 
 
 def start(service: ChatService, uid: str, body: dict[str, Any], keyed: Keyed) -> Turn | Replay:
