@@ -16,6 +16,8 @@ from flask.testing import FlaskClient
 
 from dev.fake_dysms import FakeDysms
 from dev.fake_llm import FakeLLM
+from dev.fake_tools import FakeTools
+from dev.fake_tts import FakeTts
 from tests.helpers import TEST_SECRET, AppClient, Client, ServerProcess, base_env, load_function, random_phone
 
 MYSQL_URL = os.environ.get("AICHAT_TEST_MYSQL_URL", "")
@@ -258,3 +260,33 @@ def user(chat_server, new_user) -> Client:
     """A fresh logged-in user talking to ChatService."""
     _, token = new_user()
     return Client(chat_server.base_url, token=token)
+
+
+@pytest.fixture(scope="session")
+def fake_tools_server() -> Iterator[FakeTools]:
+    """The fake weather and hot-board providers (AMap, QWeather, Baidu, Toutiao) tools call in tests."""
+    fake = FakeTools().start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def fake_tools(fake_tools_server: FakeTools) -> FakeTools:
+    """The fake providers with no faults scripted and no requests recorded."""
+    fake_tools_server.reset()
+    return fake_tools_server
+
+
+@pytest.fixture(scope="session")
+def fake_tts_server() -> Iterator[FakeTts]:
+    """The fake DashScope TTS /chat/voice synthesises with (the chat_env LLM key is the DashScope key)."""
+    fake = FakeTts(api_key="test-llm-key").start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def fake_tts(fake_tts_server: FakeTts) -> FakeTts:
+    """The fake TTS with no faults scripted and no requests recorded."""
+    fake_tts_server.reset()
+    return fake_tts_server

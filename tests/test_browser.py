@@ -20,8 +20,6 @@ from pathlib import Path
 
 import pytest
 
-from dev.fake_tools import FakeTools
-from dev.fake_tts import FakeTts
 from dev.webserver import WebServer
 from tests.conftest import IN_CI, chat_env
 from tests.helpers import Client, ServerProcess, history, read_stream
@@ -79,36 +77,6 @@ def browser() -> Iterator[Browser]:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, timeout=30_000)
         yield browser
         browser.close()
-
-
-@pytest.fixture(scope="module")
-def fake_tools_server() -> Iterator[FakeTools]:
-    """The fake weather and hot-board providers the chat server's tools call."""
-    fake = FakeTools().start()
-    yield fake
-    fake.stop()
-
-
-@pytest.fixture
-def fake_tools(fake_tools_server: FakeTools) -> FakeTools:
-    """The fake providers with no faults scripted and no requests recorded."""
-    fake_tools_server.reset()
-    return fake_tools_server
-
-
-@pytest.fixture(scope="module")
-def fake_tts_server() -> Iterator[FakeTts]:
-    """The fake DashScope TTS /chat/voice synthesises with (the chat_env LLM key is the DashScope key)."""
-    fake = FakeTts(api_key="test-llm-key").start()
-    yield fake
-    fake.stop()
-
-
-@pytest.fixture
-def fake_tts(fake_tts_server: FakeTts) -> FakeTts:
-    """The fake TTS with no faults scripted and no requests recorded."""
-    fake_tts_server.reset()
-    return fake_tts_server
 
 
 @pytest.fixture(scope="module")

@@ -910,22 +910,6 @@ class LiveServices:
         assert answer.text.endswith("data: [DONE]\n\n"), answer.text[-300:]
 
 
-@pytest.fixture(scope="module")
-def fake_tools_server() -> Iterator[FakeTools]:
-    """The loopback fakes of every tool provider (AMap, QWeather, Baidu's and Toutiao's boards)."""
-    fake = FakeTools().start()
-    yield fake
-    fake.stop()
-
-
-@pytest.fixture(scope="module")
-def fake_tts_server() -> Iterator[FakeTts]:
-    """The loopback fake of DashScope's text-to-speech API (it takes the model's key, as the service sends it)."""
-    fake = FakeTts(api_key="test-llm-key").start()
-    yield fake
-    fake.stop()
-
-
 @pytest.fixture(scope="module", params=BACKENDS)
 def live_db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A fresh database of the services' own on each backend (MySQL only with AICHAT_TEST_MYSQL_URL)."""

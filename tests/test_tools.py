@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,19 +22,6 @@ from tests.conftest import ROLES_FILE, TEST_SECRET, chat_env
 from tests.helpers import AppClient, Client, assert_error, events_of, history, post_stream, query, read_stream
 
 WEATHER_Q = "杭州现在天气怎么样?"
-
-
-@pytest.fixture(scope="session")
-def fake_tools_server() -> Iterator[FakeTools]:
-    fake = FakeTools().start()
-    yield fake
-    fake.stop()
-
-
-@pytest.fixture
-def fake_tools(fake_tools_server: FakeTools) -> FakeTools:
-    fake_tools_server.reset()
-    return fake_tools_server
 
 
 @pytest.fixture(scope="session")

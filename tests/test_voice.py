@@ -17,25 +17,12 @@ from aichat.voice import audio
 from aichat.voice.text import speakable, split, weight
 
 from dev.fake_oss import FakeOss
-from dev.fake_tts import TONE_S, FakeTts
+from dev.fake_tts import TONE_S
 from tests.conftest import chat_env
 from tests.helpers import AppClient, Client, assert_error, history, query
 
 CAT_REPLY = "喵～（蹭蹭你）今天也要**开心**哦！😺"
 CAT_SPOKEN = "喵～今天也要开心哦！"
-
-
-@pytest.fixture(scope="session")
-def fake_tts_server() -> Iterator[FakeTts]:
-    fake = FakeTts(api_key="test-llm-key").start()
-    yield fake
-    fake.stop()
-
-
-@pytest.fixture
-def fake_tts(fake_tts_server: FakeTts) -> FakeTts:
-    fake_tts_server.reset()
-    return fake_tts_server
 
 
 @pytest.fixture(scope="session")
