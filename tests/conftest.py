@@ -1,4 +1,5 @@
-"""Shared fixtures: a database per backend (SQLite always, MySQL when configured), fakes and servers."""
+"""Shared fixtures: a database per backend (SQLite always, MySQL when configured, and SQLite with Redis for
+the suites marked redis_state), fakes and servers."""
 
 from __future__ import annotations
 
@@ -18,9 +19,11 @@ from dev.fake_dysms import FakeDysms
 from dev.fake_llm import FakeLLM
 from dev.fake_tools import FakeTools
 from dev.fake_tts import FakeTts
-from tests.helpers import TEST_SECRET, AppClient, Client, ServerProcess, base_env, load_function, random_phone
+from tests.helpers import REDIS_OF, TEST_SECRET, AppClient, Client, ServerProcess, base_env, load_function, random_phone
 
 MYSQL_URL = os.environ.get("AICHAT_TEST_MYSQL_URL", "")
+# The machine's Redis, a database number of its own (flushed once per run).
+REDIS_URL = os.environ.get("AICHAT_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
@@ -31,6 +34,16 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 BACKENDS = ["sqlite", pytest.param("mysql", marks=pytest.mark.mysql)]
+# Suites that touch what Redis takes over (token liveness, chat limits and slots, SMS and password limits)
+# run a third time with it.
+REDIS_BACKENDS = [*BACKENDS, pytest.param("redis", marks=pytest.mark.redis)]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """db_url's backends: the third, Redis, for the modules marked redis_state."""
+    if "db_url" in metafunc.fixturenames:
+        backends = REDIS_BACKENDS if metafunc.definition.get_closest_marker("redis_state") else BACKENDS
+        metafunc.parametrize("db_url", backends, indirect=True, scope="session")
 
 
 @contextmanager
@@ -71,12 +84,42 @@ def mysql_server_url() -> Iterator[str]:
         yield url
 
 
-@pytest.fixture(scope="session", params=BACKENDS)
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The machine's Redis, database 15 of its own, emptied once per run (required in CI, like MariaDB)."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_timeout=2)
+    try:
+        client.flushdb()
+    except redis.RedisError as exc:
+        if IN_CI:
+            pytest.fail(f"Redis is required in CI and is not reachable at {REDIS_URL}: {exc}")
+        pytest.skip(f"Redis unreachable: {exc}")
+    finally:
+        client.close()
+    return REDIS_URL
+
+
+@pytest.fixture(scope="session")
+def rdb(redis_url: str) -> Iterator[Any]:
+    """A client of the test Redis, for tests that look at its keys."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
 def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
     """The database URL of one backend; every server of the session on that backend shares it."""
     if request.param == "mysql":
         return request.getfixturevalue("mysql_server_url")
-    return f"sqlite:///{tmp_path_factory.mktemp('db') / 'aichat.db'}"
+    url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'aichat.db'}"
+    if request.param == "redis":
+        REDIS_OF[url] = request.getfixturevalue("redis_url")
+    return url
 
 
 @pytest.fixture(scope="session")
@@ -100,6 +143,8 @@ def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
     log_dir = tmp_path_factory.mktemp("logs")
 
     def start(function: str, **env: object) -> ServerProcess:
+        if env.get("AICHAT_DB_URL") in REDIS_OF:
+            env.setdefault("AICHAT_REDIS_URL", REDIS_OF[str(env["AICHAT_DB_URL"])])
         server = ServerProcess(function, base_env(**env), log_dir)
         started.append(server)
         return server.wait_ready("/health" if function == "login" else "/chat/roles")
@@ -162,6 +207,7 @@ def chat_env(fake: FakeLLM, db_url: str, **overrides: object) -> dict[str, objec
         "AICHAT_LLM_API_KEY": "test-llm-key",
         "AICHAT_ROLES_FILE": ROLES_FILE,
         "AICHAT_LLM_READ_TIMEOUT": "5",
+        **({"AICHAT_REDIS_URL": REDIS_OF[db_url]} if db_url in REDIS_OF else {}),
         **overrides,
     }
 
@@ -192,6 +238,7 @@ def chat_app(chat_module, db_url, fake_llm) -> Callable[..., FlaskClient]:
             "roles_file": ROLES_FILE,
             "llm_read_timeout_s": 5.0,
             "trust_proxy": True,
+            "redis_url": REDIS_OF.get(db_url, ""),
             **overrides,
         }
         app = chat_module.build_app(Settings(**values))
@@ -223,6 +270,7 @@ def login_app(login_module, db_url, fake_dysms) -> AppClient:
         env="test",
         jwt_secret=TEST_SECRET,
         db_url=db_url,
+        redis_url=REDIS_OF.get(db_url, ""),
         trust_proxy=True,
         sms_provider="dysms",
         sms_endpoint=str(env["AICHAT_SMS_ENDPOINT"]),

@@ -31,6 +31,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# The Redis deployed with a test database (the third backend, tests/conftest.py): every server, in-process
+# app and chat_env on that database gets it as AICHAT_REDIS_URL, unless the test sets that itself. (Here, not
+# in conftest, which pytest imports under a second name.)
+REDIS_OF: dict[str, str] = {}
+
+
+def with_redis(db_url: str) -> bool:
+    """Whether the backend under test is the one with Redis."""
+    return db_url in REDIS_OF
+
+
 def base_env(**overrides: Any) -> dict[str, str]:
     """A minimal, hermetic environment for a service process."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AICHAT_", "ALIBABA_CLOUD_", "DASHSCOPE_"))}

@@ -11,6 +11,9 @@ import pytest
 
 from tests.helpers import Client, assert_error, query
 
+# Token liveness, limits and throttles: these tests run a third time with Redis holding that state.
+pytestmark = pytest.mark.redis_state
+
 PASSWORD = "晚风轻拂西湖-2026"
 
 

@@ -33,6 +33,9 @@ from tests.helpers import (
     stream,
 )
 
+# Token liveness, limits and throttles: these tests run a third time with Redis holding that state.
+pytestmark = pytest.mark.redis_state
+
 CONTRACT_NAITANG = {
     "role_code": "naitang",
     "nickname": "奶糖",

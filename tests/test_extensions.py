@@ -8,7 +8,10 @@ import time
 import jwt
 import pytest
 
-from tests.helpers import Client, assert_error, chat_once, frame_text, history, query, sse_events, stream
+from tests.helpers import Client, assert_error, chat_once, frame_text, history, query, sse_events, stream, with_redis
+
+# Token liveness, limits and throttles: these tests run a third time with Redis holding that state.
+pytestmark = pytest.mark.redis_state
 
 
 def converse(client: Client, fake_llm, turns: int) -> None:
@@ -128,7 +131,7 @@ class TestAccount:
         assert_error(login.post("/logout"), 401, "Unauthorized")
         assert Client(login_server.base_url, token=other_token).get("/me").status_code == 200
 
-    def test_account_deletion_erases_everything(self, login_server, chat_server, new_user, fake_llm, db_url):
+    def test_account_deletion_erases_everything(self, login_server, chat_server, new_user, fake_llm, db_url, request):
         uid, token = new_user()
         chat = Client(chat_server.base_url, token=token)
         converse(chat, fake_llm, 2)
@@ -146,6 +149,14 @@ class TestAccount:
             "verification_codes": ("phone_number", phone),
             "send_cooldowns": ("phone_key", f"86:{phone}"),
         }
+        in_redis: list[str] = []
+        if with_redis(db_url):  # the limits, slots and cooldown are kept there instead
+            rdb = request.getfixturevalue("rdb")
+            in_redis = [f"aichat:chat:{name}:{uid}" for name in ("slots", "events")]
+            in_redis += [f"aichat:sms:{name}:86:{phone}" for name in ("cooldown", "phone")]
+            for table in ("stream_slots", "chat_events", "send_cooldowns"):
+                del before[table]
+            assert [key for key in in_redis if not rdb.exists(key)] == []
         for table, (column, value) in before.items():
             assert query(db_url, f"SELECT COUNT(*) FROM {table} WHERE {column} = ?", (value,))[0][0] >= 1, table
         jti = jwt.decode(token, options={"verify_signature": False})["jti"]
@@ -154,6 +165,7 @@ class TestAccount:
         for table, (column, value) in {**before, "messages": ("uid", uid), "users": ("uid", uid)}.items():
             assert query(db_url, f"SELECT COUNT(*) FROM {table} WHERE {column} = ?", (value,))[0][0] == 0, table
         assert query(db_url, "SELECT COUNT(*) FROM revoked_tokens WHERE jti = ?", (jti,)) == [(1,)]
+        assert [key for key in in_redis if rdb.exists(key)] == []
         # The running stream ends (the user closes the app): what it received is not stored for a deleted user.
         running.close()
         time.sleep(0.5)

@@ -23,8 +23,12 @@ from tests.helpers import (
     read_stream,
     sse_events,
     stream,
+    with_redis,
     worker_pid,
 )
+
+# Token liveness, limits and throttles: these tests run a third time with Redis holding that state.
+pytestmark = pytest.mark.redis_state
 
 
 def wait_for(predicate, timeout_s: float = 10, step: float = 0.1):
@@ -239,7 +243,7 @@ def test_heartbeats_while_the_upstream_is_silent(start_server, db_url, fake_llm,
 def test_pings_arrive_during_a_40_second_silence_at_the_default_heartbeat(chat_server, db_url, new_user, fake_llm):
     # The service's default AICHAT_SSE_HEARTBEAT (15 s): a thinking model silent for 40 s gets two comment
     # lines, timed by the heartbeat, and a naive client's text is exactly the reply. One backend is enough.
-    if not db_url.startswith("sqlite"):
+    if not db_url.startswith("sqlite") or with_redis(db_url):
         pytest.skip("not about the database: run once")
     client = Client(chat_server.base_url, token=new_user()[1])
     fake_llm.enqueue(chunks=["想", "好了"], headers_then_delay=40)

@@ -11,6 +11,9 @@ import requests
 
 from tests.helpers import TEST_SECRET, Client, assert_error, random_phone, send_and_read_code
 
+# Token liveness, limits and throttles: these tests run a third time with Redis holding that state.
+pytestmark = pytest.mark.redis_state
+
 UID = re.compile(r"[0-9a-f]{24}")
 
 

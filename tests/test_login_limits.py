@@ -10,6 +10,9 @@ import pytest
 from tests.conftest import dysms_env
 from tests.helpers import ROOT, Client, assert_error, base_env, random_ip, random_phone
 
+# Token liveness, limits and throttles: these tests run a third time with Redis holding that state.
+pytestmark = pytest.mark.redis_state
+
 
 def test_resend_cooldown(login):
     phone = random_phone()

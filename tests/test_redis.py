@@ -10,32 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import IN_CI, chat_env
+from tests.conftest import IN_CI, REDIS_URL, chat_env
 from tests.helpers import Client, assert_error, free_port, query, read_stream, stream
-
-REDIS_URL = "redis://127.0.0.1:6379/15"
-
-
-@pytest.fixture(scope="session")
-def redis_url() -> str:
-    """The machine's Redis, database 15 of its own, emptied once per run."""
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL, socket_timeout=2)
-    try:
-        client.flushdb()
-    except redis.RedisError as exc:
-        if IN_CI:
-            pytest.fail(f"Redis is required in CI and is not reachable at {REDIS_URL}: {exc}")
-        pytest.skip(f"Redis unreachable: {exc}")
-    return REDIS_URL
-
-
-@pytest.fixture(scope="session")
-def rdb(redis_url):
-    import redis
-
-    return redis.Redis.from_url(redis_url, decode_responses=True)
 
 
 @pytest.fixture(scope="session")
@@ -96,17 +72,31 @@ def test_a_stream_holds_its_slot_and_a_dead_instances_slot_expires(redis_chat, n
     read_stream(res)
 
 
-def test_a_revoked_token_is_refused_everywhere_within_a_second(redis_chat, new_user, login_server, fake_llm):
+def test_a_revoked_token_is_refused_everywhere_at_once(redis_chat, new_user, login_server, fake_llm, rdb):
     one, two = redis_chat
     token = new_user()[1]
     for server in (one, two):  # both instances have the token cached as live
         assert Client(server.base_url, token=token).get("/chat/history", params={"role_code": "naitang"}).ok
+    uid = uid_of(login_server, token)
     assert Client(login_server.base_url, token=token).post("/logout", {}).status_code == 200
-    revoked_at = time.monotonic()
+    # The logout moved the user's generation: the cached answers are stale at once, not after their second.
+    assert rdb.pttl(f"aichat:gen:{uid}") > 0
     for server in (one, two):
-        while Client(server.base_url, token=token).get("/chat/history", params={"role_code": "naitang"}).ok:
-            assert time.monotonic() - revoked_at < 1.5, "a revoked token still works after the cache's second"
-            time.sleep(0.05)
+        res = Client(server.base_url, token=token).get("/chat/history", params={"role_code": "naitang"})
+        assert_error(res, 401, "Unauthorized")
+
+
+def test_a_revocation_while_redis_was_away_still_lands_within_a_second(redis_chat, new_user, login_server, rdb):
+    # Logout on an instance without Redis cannot move the generation: the cache's second is the bound.
+    one, _ = redis_chat
+    token = new_user()[1]
+    assert Client(one.base_url, token=token).get("/chat/history", params={"role_code": "naitang"}).ok
+    no_redis = Client(login_server.base_url, token=token)
+    assert no_redis.post("/logout", {}).status_code == 200
+    revoked_at = time.monotonic()
+    while Client(one.base_url, token=token).get("/chat/history", params={"role_code": "naitang"}).ok:
+        assert time.monotonic() - revoked_at < 1.5, "a revoked token still works after the cache's second"
+        time.sleep(0.05)
 
 
 @pytest.fixture

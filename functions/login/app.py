@@ -27,7 +27,8 @@ def build_app(settings: Settings | None = None, *, sms: Any = None, db: Any = No
         settings,
         db,
         sms or build_sms_provider(settings),
-        erasers=[chat.delete_for_user, tools.delete_for_user, voice_eraser(settings)],
+        erasers=[chat.eraser(redis), tools.delete_for_user, voice_eraser(settings)],
+        redis=redis,
     )
 
     password_accounts = PasswordAccounts(settings, db, accounts.sessions, redis=redis)

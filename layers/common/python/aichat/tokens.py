@@ -70,30 +70,49 @@ def preload() -> None:
 TOUCH_EVERY_MS = 300_000
 
 
-# With Redis, a token found live is remembered this long: a revocation reaches every instance within it,
-# and the database sees at most one liveness query per token per this period across all instances.
+# With Redis, a token found live is remembered this long, and the database sees at most one liveness query
+# per token per this period across all instances. A revocation also moves the user's generation (below),
+# which ends every cached answer for the user at once: with Redis up a revocation is immediate everywhere;
+# one made while Redis was away reaches every instance within this period.
 LIVE_CACHE_MS = 1000
+# A generation outlives every answer cached under it by far (it only has to outlive LIVE_CACHE_MS).
+GENERATION_MS = 600_000
 
 
 def token_is_live(db: Database, claims: dict[str, Any], redis: Any = None) -> bool:
     """Whether a verified token still counts (one query): its user exists, it was not revoked, and its
     session was not ended (a token without a session: it was issued after the user last ended them all).
-    With Redis (optional), a live answer is cached for LIVE_CACHE_MS; Redis down: the database answers."""
+    With Redis (optional), a live answer is cached for LIVE_CACHE_MS under the user's revocation generation;
+    Redis down: the database answers."""
     if redis is None:
         return _live_in_db(db, claims)
     from .fastpath import RedisUnavailable
 
     key = redis.key("live", str(claims.get("jti") or f"{claims['sub']}:{claims.get('iat')}")[:64])
+    generation_key = redis.key("gen", claims["sub"])
     try:
-        if redis.run(lambda r: r.get(key)) == "1":
-            return True
+        cached, generation = redis.run(lambda r: r.mget(key, generation_key))
     except RedisUnavailable:
         return _live_in_db(db, claims)
+    # Read before the database is asked, so a revocation committed meanwhile makes this answer stale at once.
+    generation = generation or "-"
+    if cached == generation:
+        return True
     live = _live_in_db(db, claims)
     if live:
         with contextlib.suppress(RedisUnavailable):
-            redis.run(lambda r: r.set(key, "1", px=LIVE_CACHE_MS))
+            redis.run(lambda r: r.set(key, generation, px=LIVE_CACHE_MS))
     return live
+
+
+def revoked(redis: Any, uid: str) -> None:
+    """After a revocation of the user's tokens committed: every instance's cached "live" for them ends now."""
+    if redis is None:
+        return
+    from .fastpath import RedisUnavailable
+
+    with contextlib.suppress(RedisUnavailable):
+        redis.run(lambda r: r.set(redis.key("gen", uid), uuid.uuid4().hex, px=GENERATION_MS))
 
 
 def _live_in_db(db: Database, claims: dict[str, Any]) -> bool:

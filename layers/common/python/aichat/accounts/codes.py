@@ -1,19 +1,29 @@
-"""Verification codes and their abuse limits (verification_codes, send_cooldowns): the only code writing them."""
+"""Verification codes and their abuse limits (verification_codes, send_cooldowns): the only code writing them.
+
+With Redis (code_limits.CodeLimits) the limits are checked there and the database only stores the code;
+without it, or while it is unavailable, the database checks them here."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+from typing import TYPE_CHECKING
 
 from ..config import Settings
 from ..errors import ApiError
-from ..store import Tx, now_ms
+from ..store import Row, Tx, now_ms
 from .phone import Phone
+
+if TYPE_CHECKING:
+    from .code_limits import CodeLimits
 
 DAY_MS = 86_400_000
 # Code row states; only the newest row of a phone can be "live".
 PENDING, LIVE, USED, SUPERSEDED, BURNED, FAILED = "pending", "live", "used", "superseded", "burned", "failed"
 SENT_STATES = (LIVE, USED, SUPERSEDED, BURNED)
+COOLING_DOWN = "验证码发送过于频繁，请稍后再试"
+PHONE_CAP = "该手机号今日验证码发送次数已达上限"
+IP_CAP = "当前网络今日验证码请求次数已达上限"
 
 
 def code_hash(settings: Settings, phone: Phone, code: str) -> str:
@@ -21,27 +31,23 @@ def code_hash(settings: Settings, phone: Phone, code: str) -> str:
     return hmac.new(settings.code_secret, f"{phone.key}:{code}".encode(), hashlib.sha256).hexdigest()
 
 
-def reserve(tx: Tx, *, settings: Settings, phone: Phone, code: str, client_ip: str, source_ip: str | None) -> int:
-    """Check the abuse limits, claim the resend cooldown and store the (not yet usable) code."""
+def reserve(
+    tx: Tx,
+    *,
+    settings: Settings,
+    phone: Phone,
+    code: str,
+    client_ip: str,
+    source_ip: str | None,
+    limits: CodeLimits | None = None,
+) -> tuple[int, str]:
+    """Check the abuse limits, claim the resend cooldown and store the (not yet usable) code: its row id and
+    its claim in Redis ("" when the database checked the limits; send_failed gives either back)."""
     now = now_ms()
-    day_ago = now - DAY_MS
-    placeholders = ",".join("?" * len(SENT_STATES))
-    per_phone = tx.one(
-        "SELECT COUNT(*) AS n, MIN(created_at) AS oldest FROM verification_codes"
-        f" WHERE phone_number = ? AND country_code = ? AND created_at > ? AND status IN ({placeholders})",
-        (phone.phone_number, phone.country_code, day_ago, *SENT_STATES),
-    )
-    if per_phone and per_phone["n"] >= settings.code_max_per_phone_per_day:
-        raise rate_limited(per_phone["oldest"] + DAY_MS - now, "该手机号今日验证码发送次数已达上限")
-    per_ip = tx.one(
-        "SELECT COUNT(*) AS n, MIN(created_at) AS oldest FROM verification_codes"
-        " WHERE client_ip = ? AND created_at > ?",
-        (client_ip, day_ago),
-    )
-    if per_ip and per_ip["n"] >= settings.code_max_per_ip_per_day:
-        raise rate_limited(per_ip["oldest"] + DAY_MS - now, "当前网络今日验证码请求次数已达上限")
-    _claim_cooldown(tx, settings=settings, phone=phone, now=now)
-    return tx.insert(
+    claim = limits.claim(phone=phone, client_ip=client_ip, now=now) if limits is not None else None
+    if claim is None:
+        _check_in_database(tx, settings=settings, phone=phone, client_ip=client_ip, now=now)
+    code_id = tx.insert(
         "INSERT INTO verification_codes (country_code, phone_number, code_hash, status, attempts,"
         " client_ip, source_ip, created_at, expires_at) VALUES (?, ?, ?, ?, 0, ?, ?, ?, ?)",
         (
@@ -55,6 +61,31 @@ def reserve(tx: Tx, *, settings: Settings, phone: Phone, code: str, client_ip: s
             now + settings.code_ttl_s * 1000,
         ),
     )
+    return code_id, claim or ""
+
+
+def _check_in_database(tx: Tx, *, settings: Settings, phone: Phone, client_ip: str, now: int) -> None:
+    day_ago = now - DAY_MS
+    placeholders = ",".join("?" * len(SENT_STATES))
+    per_phone = tx.one(
+        "SELECT COUNT(*) AS n, MIN(created_at) AS oldest, MAX(created_at) AS newest FROM verification_codes"
+        f" WHERE phone_number = ? AND country_code = ? AND created_at > ? AND status IN ({placeholders})",
+        (phone.phone_number, phone.country_code, day_ago, *SENT_STATES),
+    )
+    cooldown_ms = settings.code_resend_cooldown_s * 1000
+    # A code sent while Redis held the cooldown is not in send_cooldowns: the newest sent code says it.
+    if per_phone and per_phone["newest"] is not None and per_phone["newest"] + cooldown_ms > now:
+        raise rate_limited(per_phone["newest"] + cooldown_ms - now, COOLING_DOWN)
+    if per_phone and per_phone["n"] >= settings.code_max_per_phone_per_day:
+        raise rate_limited(per_phone["oldest"] + DAY_MS - now, PHONE_CAP)
+    per_ip = tx.one(
+        "SELECT COUNT(*) AS n, MIN(created_at) AS oldest FROM verification_codes"
+        " WHERE client_ip = ? AND created_at > ?",
+        (client_ip, day_ago),
+    )
+    if per_ip and per_ip["n"] >= settings.code_max_per_ip_per_day:
+        raise rate_limited(per_ip["oldest"] + DAY_MS - now, IP_CAP)
+    _claim_cooldown(tx, settings=settings, phone=phone, now=now)
 
 
 def _claim_cooldown(tx: Tx, *, settings: Settings, phone: Phone, now: int) -> None:
@@ -70,7 +101,7 @@ def _claim_cooldown(tx: Tx, *, settings: Settings, phone: Phone, now: int) -> No
         if claimed is not None:  # (its "id" is 0 on MySQL: the table has no AUTO_INCREMENT column)
             return
         row = {"until_ms": until}  # another instance claimed it a moment ago
-    raise rate_limited(row["until_ms"] - now, "验证码发送过于频繁，请稍后再试")
+    raise rate_limited(row["until_ms"] - now, COOLING_DOWN)
 
 
 def send_failed(tx: Tx, *, phone: Phone, code_id: int) -> None:
@@ -92,13 +123,30 @@ def activate(tx: Tx, *, phone: Phone, code_id: int, provider_request_id: str) ->
     )
 
 
-def consume(tx: Tx, *, settings: Settings, phone: Phone, code: str) -> bool:
-    """Check the phone's newest live code: consume it (True), or count a miss (False; committed by the caller)."""
-    row = tx.one(
-        "SELECT id, code_hash, attempts, expires_at FROM verification_codes"
-        " WHERE phone_number = ? AND country_code = ? AND status = ? ORDER BY id DESC LIMIT 1" + tx.for_update,
-        (phone.phone_number, phone.country_code, LIVE),
-    )
+def consume(tx: Tx, *, settings: Settings, phone: Phone, code: str, limits: CodeLimits | None = None) -> bool:
+    """Check the phone's newest live code: consume it (True), or count a miss (False; committed by the caller).
+
+    With Redis the guesses are counted there, before the check, so parallel guesses cannot pass the limit;
+    the code's row is only written when it is used or burned. Its attempts column counts the guesses made
+    while Redis was away, and the limit applies to both counts' sum."""
+    if limits is not None:
+        row = _live_code(tx, phone=phone, lock=False)
+        if row is None or row["expires_at"] <= now_ms() or row["attempts"] >= settings.code_max_attempts:
+            return False
+        guesses = limits.guess(code_id=row["id"], ttl_ms=row["expires_at"] - now_ms())
+        if guesses is not None:
+            spent = row["attempts"] + guesses
+            if spent > settings.code_max_attempts:
+                return False
+            if not hmac.compare_digest(row["code_hash"], code_hash(settings, phone, code)):
+                if spent >= settings.code_max_attempts:  # dead in the database too, whatever Redis does next
+                    tx.execute(
+                        "UPDATE verification_codes SET status = ? WHERE id = ? AND status = ?",
+                        (BURNED, row["id"], LIVE),
+                    )
+                return False
+            return _use(tx, row["id"])
+    row = _live_code(tx, phone=phone, lock=True)
     if row is None or row["expires_at"] <= now_ms() or row["attempts"] >= settings.code_max_attempts:
         return False
     if not hmac.compare_digest(row["code_hash"], code_hash(settings, phone, code)):
@@ -106,9 +154,22 @@ def consume(tx: Tx, *, settings: Settings, phone: Phone, code: str) -> bool:
         status = BURNED if attempts >= settings.code_max_attempts else LIVE
         tx.execute("UPDATE verification_codes SET attempts = ?, status = ? WHERE id = ?", (attempts, status, row["id"]))
         return False
+    return _use(tx, row["id"])
+
+
+def _live_code(tx: Tx, *, phone: Phone, lock: bool) -> Row | None:
+    return tx.one(
+        "SELECT id, code_hash, attempts, expires_at FROM verification_codes"
+        " WHERE phone_number = ? AND country_code = ? AND status = ? ORDER BY id DESC LIMIT 1"
+        + (tx.for_update if lock else ""),
+        (phone.phone_number, phone.country_code, LIVE),
+    )
+
+
+def _use(tx: Tx, code_id: int) -> bool:
     # The status guard makes the code single-use even if two logins race.
     return bool(
-        tx.execute("UPDATE verification_codes SET status = ? WHERE id = ? AND status = ?", (USED, row["id"], LIVE))
+        tx.execute("UPDATE verification_codes SET status = ? WHERE id = ? AND status = ?", (USED, code_id, LIVE))
     )
 
 

@@ -10,6 +10,7 @@ from typing import Any
 from ..config import Settings
 from ..errors import ApiError
 from ..store import Database, now_ms
+from ..tokens import revoked
 from . import passwords, profile, users
 from .phone import Phone
 from .sessions_api import Sessions
@@ -138,6 +139,8 @@ class PasswordAccounts:
         with self.db.tx() as tx:
             users.set_password(tx, uid=uid, password_hash=hashed)
             ended = self.sessions.end_others(tx, claims) if changing else 0
+        if changing:
+            revoked(self.sessions.redis, uid)
         log.info("password set", extra={"uid": uid, "changed": changing, "ended_sessions": ended})
         return {"success": True, "message": "密码已修改" if changing else "密码已设置", "ended_sessions": ended}
 

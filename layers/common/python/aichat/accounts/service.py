@@ -14,8 +14,9 @@ from ..config import Settings
 from ..errors import ApiError
 from ..fc import Credentials
 from ..store import Database, Tx
-from ..tokens import revoke
+from ..tokens import revoke, revoked
 from . import codes, profile, sessions, users
+from .code_limits import CodeLimits
 from .phone import Phone, is_test_account, mask_phone, parse_phone, string_field
 from .sessions_api import Sessions
 from .sms import SmsError, SmsRejected
@@ -32,13 +33,17 @@ Eraser = Callable[..., Any]
 class Accounts:
     """Verification codes, users and tokens, backed by the database and an SMS provider."""
 
-    def __init__(self, settings: Settings, db: Database, sms: Any, *, erasers: Sequence[Eraser] = ()) -> None:
+    def __init__(
+        self, settings: Settings, db: Database, sms: Any, *, erasers: Sequence[Eraser] = (), redis: Any = None
+    ) -> None:
         self.settings = settings
         self.db = db
         self.sms = sms
+        # The SMS limits in Redis when it is configured (else, and while it is away, in the database).
+        self.code_limits = CodeLimits(settings, redis) if redis is not None else None
         # Account deletion also erases what other features stored; they are handed in, not imported.
         self.erasers = tuple(erasers)
-        self.sessions = Sessions(settings, db)
+        self.sessions = Sessions(settings, db, redis)
 
     def _phone(self, body: dict[str, Any]) -> Phone:
         return parse_phone(body, self.settings.test_account)
@@ -65,31 +70,39 @@ class Accounts:
             }
         code = "".join(secrets.choice("0123456789") for _ in range(CODE_DIGITS))
         with self.db.tx() as tx:
-            code_id = codes.reserve(
-                tx, settings=self.settings, phone=phone, code=code, client_ip=client_ip, source_ip=source_ip
+            code_id, claim = codes.reserve(
+                tx,
+                settings=self.settings,
+                phone=phone,
+                code=code,
+                client_ip=client_ip,
+                source_ip=source_ip,
+                limits=self.code_limits,
             )
         try:
             receipt = self.sms.send(
                 phone_number=phone.phone_number, country_code=phone.country_code, code=code, credentials=credentials
             )
         except SmsError as exc:
-            self._send_failed(phone, code_id)
+            self._send_failed(phone, code_id, client_ip, claim)
             if isinstance(exc, SmsRejected):
                 if getattr(exc, "bad_number", False):
                     raise ApiError("InvalidPhoneNumber") from exc
                 raise ApiError("SendCodeFailed", status=400) from exc
             raise ApiError("SendCodeFailed", status=500) from exc
         except Exception:
-            self._send_failed(phone, code_id)
+            self._send_failed(phone, code_id, client_ip, claim)
             raise
         with self.db.tx() as tx:
             codes.activate(tx, phone=phone, code_id=code_id, provider_request_id=receipt.request_id)
         log.info("verification code sent", extra={"phone": phone.masked, "client_ip": client_ip})
         return {"success": True, "message": "验证码已发送", "request_id": receipt.request_id, "biz_id": receipt.biz_id}
 
-    def _send_failed(self, phone: Phone, code_id: int) -> None:
+    def _send_failed(self, phone: Phone, code_id: int, client_ip: str, claim: str) -> None:
         with self.db.tx() as tx:
             codes.send_failed(tx, phone=phone, code_id=code_id)
+        if claim and self.code_limits is not None:
+            self.code_limits.give_back(phone=phone, client_ip=client_ip, member=claim)
 
     # -- login -------------------------------------------------------------------------------------
     def login(self, body: dict[str, Any], *, client_ip: str = "", user_agent: str = "") -> dict[str, Any]:
@@ -110,7 +123,7 @@ class Accounts:
         else:
             uid = None
             with self.db.tx() as tx:
-                if codes.consume(tx, settings=self.settings, phone=phone, code=code):
+                if codes.consume(tx, settings=self.settings, phone=phone, code=code, limits=self.code_limits):
                     uid = users.user_for(tx, phone=phone)
                     issued = self.sessions.start(tx, uid=uid, client_ip=client_ip, user_agent=user_agent)
             if uid is None:  # raised after the block so the counted miss is committed
@@ -182,6 +195,9 @@ class Accounts:
             phone = Phone(user["country_code"], user["phone_number"]) if user["phone_number"] else None
             erased = self._erase(tx, uid=uid, phone=phone)
             revoke(tx, claims)
+        revoked(self.sessions.redis, uid)
+        if phone is not None and self.code_limits is not None:
+            self.code_limits.forget(phone)
         log.info("account deleted", extra={"uid": uid, "messages": erased})
         return {"success": True, "message": "账号已注销", "deleted_messages": erased}
 

@@ -10,16 +10,17 @@ from typing import Any
 from ..config import Settings
 from ..errors import ApiError
 from ..store import Database, now_ms
-from ..tokens import issue_token, revoke
+from ..tokens import issue_token, revoke, revoked
 from . import sessions, users
 
 log = logging.getLogger("aichat.accounts")
 
 
 class Sessions:
-    def __init__(self, settings: Settings, db: Database) -> None:
+    def __init__(self, settings: Settings, db: Database, redis: Any = None) -> None:
         self.settings = settings
         self.db = db
+        self.redis = redis  # told of every revocation once it is committed (tokens.revoked)
 
     def _ttl_ms(self) -> int:
         return self.settings.refresh_ttl_s * 1000
@@ -58,6 +59,7 @@ class Sessions:
                 sessions.touch(tx, sid=row["session_id"], ttl_ms=self._ttl_ms())
                 refresh = sessions.add_refresh(tx, sid=row["session_id"], uid=row["uid"], ttl_ms=self._ttl_ms())
         if reused:  # raised after the block, so the revocation is committed
+            revoked(self.redis, row["uid"])
             log.warning("a spent refresh token was presented again: session ended", extra={"uid": row["uid"]})
             raise ApiError("Unauthorized", "refresh_token 已被使用，该会话已结束，请重新登录")
         return {"success": True, "message": "刷新成功", **self._tokens(row["uid"], row["session_id"], refresh)}
@@ -68,6 +70,7 @@ class Sessions:
             revoke(tx, claims)
             if isinstance(claims.get("sid"), str):
                 sessions.revoke(tx, sid=claims["sid"])
+        revoked(self.redis, claims["sub"])
         log.info("logout", extra={"uid": claims["sub"]})
         return {"success": True, "message": "已退出登录"}
 
@@ -78,11 +81,13 @@ class Sessions:
             ended = sessions.revoke_all(tx, uid=uid)
             users.end_sessions_before(tx, uid=uid, at_ms=now_ms())
             revoke(tx, claims)
+        revoked(self.redis, uid)
         log.info("logout everywhere", extra={"uid": uid, "sessions": ended})
         return {"success": True, "message": "已在所有设备退出登录", "ended_sessions": ended}
 
     def end_others(self, tx: Any, claims: dict[str, Any]) -> int:
-        """A password change: every other session ends (this one stays signed in)."""
+        """A password change: every other session ends (this one stays signed in; the caller tells Redis,
+        tokens.revoked, once the transaction is committed)."""
         uid = claims["sub"]
         keep = claims.get("sid") if isinstance(claims.get("sid"), str) else None
         ended = sessions.revoke_all(tx, uid=uid, keep=keep)
@@ -118,6 +123,7 @@ class Sessions:
             if row is None or row["revoked_at"] is not None:
                 raise ApiError("SessionNotFound")
             sessions.revoke(tx, sid=row["id"])
+        revoked(self.redis, claims["sub"])
         return {"success": True, "message": "会话已结束"}
 
     def _time(self, ms: int) -> str:
