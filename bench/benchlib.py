@@ -356,6 +356,25 @@ def chat_env(db_url: str, llm_url: str, **overrides: Any) -> dict[str, str]:
     return service_env(**{**settings, **overrides})
 
 
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/14"
+
+
+def redis_available(url: str = DEFAULT_REDIS_URL) -> str | None:
+    """None when Redis answers at `url` (its database is emptied for the run), else why not."""
+    try:
+        import redis
+    except ImportError as exc:
+        return str(exc)
+    client = redis.Redis.from_url(url, socket_timeout=2)
+    try:
+        client.flushdb()
+    except redis.RedisError as exc:
+        return str(exc)
+    finally:
+        client.close()
+    return None
+
+
 def service_env(**overrides: Any) -> dict[str, str]:
     """tests.servers.base_env, with PYTHONPATH pointing at SERVICE_LAYER."""
     return base_env(PYTHONPATH=str(SERVICE_LAYER), **overrides)

@@ -5,7 +5,8 @@ It prints the mean in-process time per request and the top functions by own time
 which is how the benchmark figures are traced back to code. Streams talk to the fake upstream (a
 subprocess, frames without delay), so their profile is the per-request setup plus a short relay.
 
-    .venv/bin/python bench/profile_app.py history|roles|stream [--requests 500] [--mysql] [--top 25] [--quick]
+    .venv/bin/python bench/profile_app.py history|roles|stream [--requests 500] [--mysql] [--redis-url URL]
+        [--top 25] [--quick]
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=50, help="stored messages of the user (default 50)")
     parser.add_argument("--mysql", action="store_true", help="MariaDB instead of SQLite")
     parser.add_argument("--mysql-url", default=b.DEFAULT_MYSQL_URL)
+    parser.add_argument("--redis-url", default="", help="with Redis (e.g. redis://127.0.0.1:6379/14; emptied)")
+    parser.add_argument("--frames", type=int, default=3, help="reply pieces per stream (default 3)")
     parser.add_argument("--top", type=int, default=25, help="rows per table (default 25)")
     parser.add_argument("--quick", action="store_true", help="50 requests")
     args = parser.parse_args()
@@ -77,6 +80,10 @@ def main() -> int:
             AICHAT_CHAT_MAX_CONCURRENT_STREAMS=1000,
             AICHAT_LOG_LEVEL="INFO",
         )
+        if args.redis_url:
+            if why := b.redis_available(args.redis_url):
+                raise SystemExit(f"Redis unreachable at {args.redis_url}: {why}")
+            env["AICHAT_REDIS_URL"] = args.redis_url
         saved = dict(os.environ)
         stack.callback(lambda: (os.environ.clear(), os.environ.update(saved)))
         os.environ.clear()
@@ -104,7 +111,7 @@ def main() -> int:
             environ = EnvironBuilder(
                 path="/chat/stream", method="POST", headers=auth, content_type="application/json", data=body
             ).get_environ()
-        pieces = b.chunks(3)
+        pieces = b.chunks(args.frames)
 
         def once() -> None:
             if args.endpoint == "stream":
@@ -115,10 +122,11 @@ def main() -> int:
 
         for _ in range(5):
             once()
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         for _ in range(args.requests):
             once()
         plain = (time.perf_counter() - started) / args.requests
+        cpu = (time.process_time() - cpu_started) / args.requests
         profiler = cProfile.Profile()
         profiler.enable()
         for _ in range(args.requests):
@@ -135,7 +143,11 @@ def main() -> int:
         print(f"== profile_app {args.endpoint} ({db.label}): top {args.top} by {title}, {args.requests} requests ==")
         print("\n".join(line.rstrip() for line in lines[start:] if line.strip()))
         print()
-    b.note(f"{args.endpoint} on {db.label}: {plain * 1000:.3f} ms per request in-process without profiling")
+    where = f"{db.label}{' with Redis' if args.redis_url else ''}"
+    b.note(
+        f"{args.endpoint} on {where}: {plain * 1000:.3f} ms per request in-process without profiling,"
+        f" {cpu * 1000:.3f} ms of this process's CPU (the fake upstream is another process)"
+    )
     return 0
 
 

@@ -1,12 +1,14 @@
 """Requests/s of GET /chat/roles and GET /chat/history (50 stored messages, MariaDB) on one ChatService
-instance against a bare Flask JSON endpoint under the same gunicorn config (AICHAT_THREADS=32, the
+instance, without and with Redis (AICHAT_REDIS_URL: token liveness cached there), against a bare Flask JSON
+endpoint under the same gunicorn config (AICHAT_THREADS=32, the
 production default, unless --threads), measured in the same run with wrk (keep-alive; 1 wrk thread so
 the server keeps a core).
 
 Rounds are interleaved (bare, roles, history, rotating), the figure is each endpoint's median over rounds.
 Without wrk, a Python keep-alive load generator is used instead (its own overhead caps the figures).
 
-    .venv/bin/python bench/throughput.py [--duration 3] [--rounds 5] [--connections 16] [--sqlite] [--quick]
+    .venv/bin/python bench/throughput.py [--duration 3] [--rounds 5] [--connections 16] [--sqlite]
+        [--redis-url redis://127.0.0.1:6379/14 | --no-redis] [--quick]
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import time
 
 import benchlib as b
 
-TARGETS = {"GET /chat/roles": 0.70, "GET /chat/history": 0.40}
+TARGETS = {"GET /chat/roles": 0.80, "GET /chat/history": 0.40}
 UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 
 
@@ -104,6 +106,8 @@ def main() -> int:
     parser.add_argument(
         "--log-level", default=None, help="AICHAT_LOG_LEVEL of the service (default: its own, INFO = access log on)"
     )
+    parser.add_argument("--redis-url", default=b.DEFAULT_REDIS_URL, help="Redis for the second instance (emptied)")
+    parser.add_argument("--no-redis", action="store_true", help="only the instance without Redis")
     parser.add_argument("--quick", action="store_true", help="1 round of 2 s")
     args = parser.parse_args()
     if args.quick:
@@ -142,6 +146,13 @@ def main() -> int:
         env = b.chat_env(db.url, "http://127.0.0.1:9", AICHAT_THREADS=args.threads, AICHAT_LOG_LEVEL=args.log_level)
         chat = b.start_chat(env, tmp)
         stack.callback(chat.stop)
+        redis_chat = None
+        if not args.no_redis:
+            if why := b.redis_available(args.redis_url):
+                b.note(f"Redis unreachable at {args.redis_url} ({why}); measuring without it only")
+            else:
+                redis_chat = b.start_chat({**env, "AICHAT_REDIS_URL": args.redis_url}, tmp)
+                stack.callback(redis_chat.stop)
         bare = b.BareFlask(b.service_env(AICHAT_THREADS=args.threads), tmp)
         stack.callback(bare.stop)
 
@@ -150,6 +161,9 @@ def main() -> int:
             "GET /chat/roles": (chat.port, "/chat/roles", {}),
             "GET /chat/history": (chat.port, f"/chat/history?role_code={b.ROLE}", user.auth),
         }
+        if redis_chat is not None:
+            endpoints["GET /chat/roles, Redis"] = (redis_chat.port, "/chat/roles", {})
+            endpoints["GET /chat/history, Redis"] = (redis_chat.port, f"/chat/history?role_code={b.ROLE}", user.auth)
         # Check the answers once, then warm each endpoint up.
         status, body = b.http_get(chat.port, endpoints["GET /chat/history"][1], user.auth)
         count = len(json.loads(body).get("messages", [])) if status == 200 else -1
@@ -167,17 +181,17 @@ def main() -> int:
         results: dict[str, list[dict[str, float]]] = {name: [] for name in endpoints}
         names = list(endpoints)
         for rnd in range(args.rounds):
-            for name in names[rnd % 3 :] + names[: rnd % 3]:
+            for name in names[rnd % len(names) :] + names[: rnd % len(names)]:
                 port, path, headers = endpoints[name]
                 results[name].append(run(port, path, headers, args.duration))
-        log_problems = b.log_problems(chat.log())
+        log_problems = b.log_problems(chat.log() + (redis_chat.log() if redis_chat else ""))
 
     base = b.median([r["rps"] for r in results["bare Flask GET /"]])
     rows = []
     for name in names:
         runs = results[name]
         rps = b.median([r["rps"] for r in runs])
-        target = TARGETS.get(name)
+        target = TARGETS.get(name.split(",")[0])
         rows.append(
             [
                 name,
