@@ -464,6 +464,22 @@ class TestAuth:
             assert_error(res, 401, "Unauthorized")
         assert fake_llm.requests == []
 
+    def test_a_verified_token_is_remembered_until_it_expires(self):
+        from aichat import tokens
+
+        secret = "s" * 40
+        # Still valid for about one second (its expiry plus the clock leeway).
+        now = time.time()
+        token = tokens.issue_token("a" * 24, secret=secret, ttl_s=100 - tokens.CLOCK_LEEWAY_S + 1, now=now - 100)
+        claims = tokens.verify_token(token, secret=secret)
+        assert tokens.verify_token(token, secret=secret) is claims  # the second check is the remembered one
+        with pytest.raises(tokens.ApiError):
+            tokens.verify_token(token, secret="t" * 40)  # remembered for its own secret only
+        time.sleep(max(0.0, now + 1.2 - time.time()))
+        with pytest.raises(tokens.ApiError):
+            tokens.verify_token(token, secret=secret)  # expired: refused, remembered or not
+        assert (secret, token) not in tokens._verified
+
     def test_roles_need_no_token(self, chat_server):
         assert requests.get(chat_server.base_url + "/chat/roles", timeout=5).status_code == 200
 

@@ -31,8 +31,21 @@ def issue_token(uid: str, *, secret: str, ttl_s: int, now: float | None = None, 
     return jwt.encode(claims, secret, algorithm=ALGORITHM)
 
 
+# Tokens whose signature and claims were verified, by their exact text: a client presents the same token on
+# every request until it expires, and PyJWT's full decode costs more than the rest of a cached check. Only
+# `exp` can change its verdict later, so a hit checks that again; the text itself is the signed input, so
+# a hit cannot be forged. Bounded; cleared wholesale when full (a flood of tokens costs a decode each).
+VERIFIED_MAX = 4096
+_verified: dict[tuple[str, str], dict] = {}
+
+
 def verify_token(token: str, *, secret: str) -> dict:
     """Return a token's claims; raise Unauthorized if its signature, algorithm, expiry or claims are off."""
+    cached = _verified.get((secret, token))
+    if cached is not None:
+        if time.time() < cached["exp"] + CLOCK_LEEWAY_S:
+            return cached
+        _verified.pop((secret, token), None)
     import jwt
 
     try:
@@ -47,6 +60,9 @@ def verify_token(token: str, *, secret: str) -> dict:
         raise ApiError("Unauthorized") from exc
     if not isinstance(claims.get("sub"), str) or not UID_PATTERN.fullmatch(claims["sub"]):
         raise ApiError("Unauthorized")
+    if len(_verified) >= VERIFIED_MAX:
+        _verified.clear()
+    _verified[(secret, token)] = claims
     return claims
 
 

@@ -64,17 +64,19 @@ class History:
         with_tools = input.query_int(args, "include_tools", low=0, high=1) == 1
         paged = limit is not None or before_id is not None
         page_size = limit or HISTORY_PAGE_DEFAULT
+        limit_rows = page_size + 1 if paged else None
 
         def read(tx: Any) -> tuple[str, list[Row]]:
+            if target.conversation_id is None:  # a role's default one (empty if never used): one query
+                assert role is not None
+                rows = messages.history(
+                    tx, default_of=(uid, role.role_code), limit=limit_rows, before_id=before_id, with_tools=with_tools
+                )
+                return role.role_code, rows
             conversation = resolve(tx, uid=uid, target=target, create=False)
-            if conversation is None:  # the role's default conversation was never used
-                return role.role_code if role else "", []
+            assert conversation is not None  # resolve() answers 404 for an id that is not the user's
             rows = messages.history(
-                tx,
-                conversation_id=conversation.id,
-                limit=page_size + 1 if paged else None,
-                before_id=before_id,
-                with_tools=with_tools,
+                tx, conversation_id=conversation.id, limit=limit_rows, before_id=before_id, with_tools=with_tools
             )
             return conversation.role_code, rows
 

@@ -112,21 +112,34 @@ def get(tx: Tx, *, uid: str, message_id: int) -> Row | None:
 def history(
     tx: Tx,
     *,
-    conversation_id: str,
+    conversation_id: str | None = None,
+    default_of: tuple[str, str] | None = None,
     limit: int | None = None,
     before_id: int | None = None,
     with_tools: bool = False,
 ) -> list[Row]:
-    """A conversation's messages oldest first: all of them, or the `limit` newest before `before_id`."""
-    columns = HISTORY_COLUMNS_WITH_TOOLS if with_tools else HISTORY_COLUMNS
-    sql = f"SELECT {columns} FROM messages WHERE conversation_id = ?"
-    params: list[Any] = [conversation_id]
+    """A conversation's messages oldest first: all of them, or the `limit` newest before `before_id`. The
+    conversation is one by id, or a user's default one of a role, `default_of=(uid, role_code)`, found in the
+    same query (the hot path of the contract's /chat/history: one round trip, not two)."""
+    columns = ", ".join(
+        f"m.{name.strip()}" for name in (HISTORY_COLUMNS_WITH_TOOLS if with_tools else HISTORY_COLUMNS).split(",")
+    )
+    if conversation_id is not None:
+        sql = f"SELECT {columns} FROM messages m WHERE m.conversation_id = ?"
+        params: list[Any] = [conversation_id]
+    else:
+        assert default_of is not None
+        sql = (
+            f"SELECT {columns} FROM conversations c JOIN messages m ON m.conversation_id = c.id"
+            " WHERE c.uid = ? AND c.default_key = ?"
+        )
+        params = list(default_of)
     if before_id is not None:
-        sql += " AND id < ?"
+        sql += " AND m.id < ?"
         params.append(before_id)
     if limit is None:
-        return tx.all(sql + " ORDER BY id", params)
-    rows = tx.all(sql + " ORDER BY id DESC LIMIT ?", [*params, limit])
+        return tx.all(sql + " ORDER BY m.id", params)
+    rows = tx.all(sql + " ORDER BY m.id DESC LIMIT ?", [*params, limit])
     rows.reverse()
     return rows
 
