@@ -282,3 +282,59 @@ def test_roles_endpoint_survives_many_requests(chat_server):
     assert {a.status_code for a in answers} == {200}
     bodies = {a.text for a in answers}
     assert len(bodies) == 1 and json.loads(bodies.pop())["roles"]
+
+
+def test_access_lines_are_batched_while_requests_overlap_and_never_held_when_idle(monkeypatch):
+    import io
+    import logging
+
+    from aichat import logs
+
+    class Counting(io.StringIO):
+        writes = 0
+
+        def write(self, text: str) -> int:
+            Counting.writes += 1
+            return super().write(text)
+
+    handler = logging.StreamHandler(Counting())
+    handler._aichat = True  # type: ignore[attr-defined]
+    logger = logging.getLogger("aichat.test-batch")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    logger.addHandler(handler)
+    monkeypatch.setattr(logs, "BATCH_S", 3600.0)  # only the last request out may write them
+    try:
+        for _ in range(3):
+            logs.request_started()
+        for n in range(3):
+            logs.write_line(logger, "request", {"n": n})
+        logs.request_ended()
+        logs.request_ended()
+        assert Counting.writes == 0  # one request still in flight: the lines wait
+        logs.request_ended()
+        assert Counting.writes == 1  # the last one out wrote all three at once, in order
+        lines = [json.loads(line) for line in handler.stream.getvalue().splitlines()]
+        assert [line["n"] for line in lines] == [0, 1, 2]
+        logs.write_line(logger, "request", {"n": 3})  # nothing in flight: written at once
+        assert Counting.writes == 2
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_a_busy_instance_still_writes_its_access_lines_within_the_batch_window(chat_server, new_user, fake_llm):
+    client = Client(chat_server.base_url, token=new_user()[1])
+    fake_llm.enqueue(chunks=["慢"] * 20, delay=0.2)
+    with ThreadPoolExecutor(1) as pool:
+        # /chat/send answers JSON once the whole reply is in: a request in flight for ~4 s.
+        sending = pool.submit(client.post, "/chat/send", {"role_code": "naitang", "message": "说慢点"})
+        while not fake_llm.requests:
+            time.sleep(0.02)
+        request_id = "batched-" + os.urandom(4).hex()
+        assert client.get("/chat/roles", headers={"x-fc-request-id": request_id}).ok
+        deadline = time.monotonic() + 1.0  # the flusher writes every 50 ms while others are in flight
+        while request_id not in chat_server.log():
+            assert time.monotonic() < deadline, "an access line waited past the batch window"
+            time.sleep(0.05)
+        assert not sending.done()  # the other request was in flight all along
+        assert sending.result(timeout=30).status_code == 200

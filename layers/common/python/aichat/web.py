@@ -15,7 +15,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound, Reque
 from .config import Settings
 from .errors import ApiError
 from .incoming import ApiRequest, is_client_framing_error, request_id_of
-from .logs import configure_logging, request_id_var, write_line
+from .logs import configure_logging, request_ended, request_id_var, request_started, write_line
 from .store.budget import end_budget, start_budget
 from .tokens import bearer_token, verify_token
 
@@ -137,6 +137,7 @@ def create_app(
 
     @app.before_request
     def _start() -> Response | None:
+        request_started()
         g.started = time.perf_counter()
         # Every database wait of this request comes out of one budget (a stream's own saves run after it).
         g.db_budget = start_budget(settings.db_request_budget_s)
@@ -159,6 +160,7 @@ def create_app(
         token = g.pop("db_budget", None)
         if token is not None:
             end_budget(token)
+        request_ended()
 
     @app.after_request
     def _finish(response: Response) -> Response:
