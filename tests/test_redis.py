@@ -72,13 +72,16 @@ def test_a_stream_holds_its_slot_and_a_dead_instances_slot_expires(redis_chat, n
     read_stream(res)
 
 
-def test_a_revoked_token_is_refused_everywhere_at_once(redis_chat, new_user, login_server, fake_llm, rdb):
+def test_a_revoked_token_is_refused_everywhere_at_once(
+    redis_chat, new_user, login_server, start_server, db_url, redis_url, rdb
+):
     one, two = redis_chat
+    login = start_server("login", AICHAT_DB_URL=db_url, AICHAT_REDIS_URL=redis_url)
     token = new_user()[1]
     for server in (one, two):  # both instances have the token cached as live
         assert Client(server.base_url, token=token).get("/chat/history", params={"role_code": "naitang"}).ok
     uid = uid_of(login_server, token)
-    assert Client(login_server.base_url, token=token).post("/logout", {}).status_code == 200
+    assert Client(login.base_url, token=token).post("/logout", {}).status_code == 200
     # The logout moved the user's generation: the cached answers are stale at once, not after their second.
     assert rdb.pttl(f"aichat:gen:{uid}") > 0
     for server in (one, two):
