@@ -474,6 +474,12 @@ def gunicorn_worker(server: ServerProcess) -> int:
     raise RuntimeError("no gunicorn worker process found")
 
 
+def local_pid(name: str) -> int | None:
+    """The oldest process of that name on this machine (a local MariaDB, say), or None."""
+    found = subprocess.run(["pgrep", "-o", "-x", name], capture_output=True, text=True, check=False).stdout.split()
+    return int(found[0]) if found else None
+
+
 def cpu_seconds(pid: int) -> tuple[float, float]:
     """(user, system) CPU seconds a process has used so far."""
     with open(f"/proc/{pid}/stat") as fh:

@@ -26,6 +26,8 @@ import time
 import benchlib as b
 
 TARGETS = {"GET /chat/roles": 0.80, "GET /chat/history": 0.40}
+COLUMNS = ["endpoint", "body", "req/s", "rounds", "vs bare", "target", "verdict", "p50", "p99"]
+COLUMNS += ["worker CPU/req", "MariaDB CPU/req", "errors"]
 UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 
 
@@ -178,12 +180,26 @@ def main() -> int:
             run(port, path, headers, 1)
         b.note(f"{tool}: {args.rounds} rounds x {len(endpoints)} endpoints x {args.duration:g} s, {db.label}")
 
+        # CPU per request of the serving worker and of the local MariaDB server (what Redis takes off it).
+        workers = {bare.port: b.children(bare.proc.pid)[0], chat.port: b.gunicorn_worker(chat)}
+        if redis_chat is not None:
+            workers[redis_chat.port] = b.gunicorn_worker(redis_chat)
+        mariadb = b.local_pid("mariadbd") if kind == "mysql" else None
+
+        def cpu(pid: int | None) -> float:
+            return sum(b.cpu_seconds(pid)) if pid else float("nan")
+
         results: dict[str, list[dict[str, float]]] = {name: [] for name in endpoints}
         names = list(endpoints)
         for rnd in range(args.rounds):
             for name in names[rnd % len(names) :] + names[: rnd % len(names)]:
                 port, path, headers = endpoints[name]
-                results[name].append(run(port, path, headers, args.duration))
+                before = cpu(workers[port]), cpu(mariadb)
+                result = run(port, path, headers, args.duration)
+                served = max(1.0, result["rps"] * args.duration)
+                result["worker_ms"] = (cpu(workers[port]) - before[0]) / served * 1000
+                result["db_ms"] = (cpu(mariadb) - before[1]) / served * 1000
+                results[name].append(result)
         log_problems = b.log_problems(chat.log() + (redis_chat.log() if redis_chat else ""))
 
     base = b.median([r["rps"] for r in results["bare Flask GET /"]])
@@ -203,13 +219,15 @@ def main() -> int:
                 b.verdict(round(rps / base, 2), target, higher_is_better=True) if target else "",
                 b.ms(b.median([r["p50"] for r in runs])),
                 b.ms(b.median([r["p99"] for r in runs])),
+                f"{b.median([r['worker_ms'] for r in runs]):.2f} ms",
+                f"{b.median([r['db_ms'] for r in runs]):.2f} ms" if mariadb else "",
                 int(sum(r["non2xx"] + r["sockerr"] for r in runs)),
             ]
         )
     b.show(
         f"throughput: one gunicorn instance (gthread, {args.threads} threads),"
         f" {args.connections} keep-alive connections, {db.label}, {tool}",
-        ["endpoint", "body", "req/s", "rounds", "vs bare", "target", "verdict", "p50", "p99", "errors"],
+        COLUMNS,
         rows,
     )
     if log_problems:
