@@ -77,8 +77,8 @@ def write_line(logger: logging.Logger, message: str, fields: dict[str, object]) 
 # While other requests are in flight, a line waits (at most BATCH_S) to be written with the others in one
 # write: on a busy instance each write is a syscall that gives up the GIL and queues to get it back behind
 # the busy threads, which cost ~15 % of a cheap request's throughput. The last request in flight writes
-# everything at once, so an idle instance (which FC may freeze) holds no line back. ("In flight": between
-# a request's first and last hook; a stream's body runs after that, and its line joins a batch or not.)
+# everything at once, so an idle instance (which FC may freeze) holds no line back. ("In flight": from the
+# WSGI call until the server closed the response, web._counted; a stream counts for its whole life.)
 BATCH_S = 0.05
 _batch: dict[Any, list[str]] = {}
 _batch_lock = threading.Lock()
@@ -120,7 +120,7 @@ def _flush_every() -> None:
 
 
 def request_started() -> None:
-    """A request began (web.py): while others are in flight, its lines may wait for a batch."""
+    """A request began (web._counted): while others are in flight, lines may wait for a batch."""
     with _batch_lock:
         _in_flight[0] += 1
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound, RequestEntityTooLarge
+from werkzeug.wsgi import ClosingIterator
 
 from .config import Settings
 from .errors import ApiError
@@ -106,6 +107,7 @@ def create_app(
     """
     configure_logging(settings.log_level)
     app = Flask(f"aichat.{service}")
+    app.wsgi_app = _counted(app.wsgi_app)  # type: ignore[method-assign]
     app.config["MAX_CONTENT_LENGTH"] = body_limit
     app.config["AICHAT_ROUTES"] = list(routes)  # the route table, for tests and tools
     by_operation = {route.operation_id: route for route in routes}
@@ -137,7 +139,6 @@ def create_app(
 
     @app.before_request
     def _start() -> Response | None:
-        request_started()
         g.started = time.perf_counter()
         # Every database wait of this request comes out of one budget (a stream's own saves run after it).
         g.db_budget = start_budget(settings.db_request_budget_s)
@@ -160,7 +161,6 @@ def create_app(
         token = g.pop("db_budget", None)
         if token is not None:
             end_budget(token)
-        request_ended()
 
     @app.after_request
     def _finish(response: Response) -> Response:
@@ -202,6 +202,22 @@ def create_app(
         # Details go to the log with the request id; the client gets a generic message only.
         log.exception("unhandled error", extra={"operation_id": request.endpoint})
         return error_response(ApiError("InternalError"))
+
+    return app
+
+
+def _counted(wsgi_app: Callable[..., Any]) -> Callable[..., Any]:
+    """The requests in flight, from the call until the server closed the response (a stream's whole life):
+    what lets the access log batch its lines while requests overlap (logs.request_started)."""
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        request_started()
+        try:
+            body = wsgi_app(environ, start_response)
+        except BaseException:
+            request_ended()
+            raise
+        return ClosingIterator(body, [request_ended])
 
     return app
 
