@@ -296,3 +296,41 @@ def test_slow_clients_cannot_starve_the_others(start_server, sqlite_url):
     timed_out = [a for a in answers if a.startswith(b"HTTP/1.1 408")]
     assert len(timed_out) >= 30, answers[:3]
     assert b'"code":"InvalidInput"' in timed_out[0]
+
+
+class _Socket:
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def sendall(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+
+
+def _response(request: bytes):
+    from aichat.gunicorn_worker import SizedResponse
+    from gunicorn.config import Config
+    from gunicorn.http.parser import RequestParser
+
+    cfg = Config()
+    req = next(iter(RequestParser(cfg, iter([request]), ("127.0.0.1", 1))))
+    sock = _Socket()
+    return SizedResponse(req, sock, cfg), sock
+
+
+def test_a_sized_answer_goes_in_one_write_and_a_stream_sends_its_head_at_once():
+    resp, sock = _response(b"GET /chat/roles HTTP/1.1\r\nHost: x\r\n\r\n")
+    resp.start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", "2")])
+    resp.write(b"{}")
+    resp.close()
+    assert len(sock.writes) == 1 and sock.writes[0].startswith(b"HTTP/1.1 200 OK\r\n")
+    assert sock.writes[0].endswith(b"\r\n\r\n{}")
+    # No body (a 304, a HEAD): the head still goes, when the response closes.
+    resp, sock = _response(b"HEAD /chat/roles HTTP/1.1\r\nHost: x\r\n\r\n")
+    resp.start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", "2")])
+    resp.close()
+    assert len(sock.writes) == 1 and sock.writes[0].endswith(b"\r\n\r\n")
+    # A stream (no Content-Length): its head is sent before any frame is ready.
+    resp, sock = _response(b"POST /chat/stream HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+    resp.start_response("200 OK", [("Content-Type", "text/event-stream")])
+    resp.send_headers()
+    assert len(sock.writes) == 1 and b"Transfer-Encoding: chunked" in sock.writes[0]

@@ -25,6 +25,7 @@ from functools import partial
 from typing import Any
 
 from gunicorn import util
+from gunicorn.http import wsgi
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
 # The longest a client may take to send its request line and headers (FC's gateway sends them at once).
@@ -72,6 +73,57 @@ def write_json_error(sock: socket.socket, status_int: int, reason: str, mesg: st
 
 # Every error page gunicorn writes in this process goes through here.
 util.write_error = write_json_error
+
+
+class _Held:
+    """Takes what gunicorn would send (a response head), to send it later with the body."""
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def sendall(self, data: bytes) -> None:
+        self.data += data
+
+
+class SizedResponse(wsgi.Response):
+    """gunicorn's response, sending a sized response's head with its body in one write (one TCP segment
+    for a small answer) instead of two: each write gives up the GIL and queues to get it back behind the
+    busy threads. A stream's head (chunked, no Content-Length) still goes at once."""
+
+    _held = b""
+
+    def send_headers(self) -> None:
+        if self.headers_sent or self.chunked or self.response_length is None:
+            return super().send_headers()
+        sock, self.sock = self.sock, _Held()
+        try:
+            super().send_headers()
+        finally:
+            self._held, self.sock = self.sock.data, sock
+        return None
+
+    def _flush_head(self) -> None:
+        if self._held:
+            head, self._held = self._held, b""
+            util.write(self.sock, head)
+
+    def _emit_body(self, data: bytes) -> None:
+        if self._held:
+            data, self._held = self._held + data, b""
+        super()._emit_body(data)
+
+    def sendfile(self, respiter: Any) -> bool:
+        self.send_headers()
+        self._flush_head()  # the file goes by sendfile(2), after its head
+        return super().sendfile(respiter)
+
+    def close(self) -> None:
+        self.send_headers()
+        self._flush_head()  # an answer without body bytes (204, 304, HEAD)
+        super().close()
+
+
+wsgi.Response = SizedResponse  # what gunicorn's wsgi.create() builds for every request in this process
 
 
 # A head larger than this is handed to gunicorn as it is, which refuses it (414 / 431).
