@@ -386,24 +386,37 @@ def start_chat(env: dict[str, str], log_dir: Path) -> ServerProcess:
 
 
 BARE_FLASK_APP = '''"""A bare Flask app: the reference the services' cold start and throughput are compared with."""
+import json
+import pathlib
+
 from flask import Flask, jsonify
 
 app = Flask(__name__)
+# A control: a document of another endpoint's size, serialised on every request (bench/throughput.py).
+_body = pathlib.Path(__file__).with_name("body.json")
+BODY = json.loads(_body.read_text()) if _body.exists() else {}
 
 
 @app.get("/")
 def index():
     return jsonify(success=True, message="ok")
+
+
+@app.get("/body")
+def body():
+    return jsonify(BODY)
 '''
 
 
 class BareFlask:
     """A bare Flask JSON endpoint (GET /) under the services' gunicorn config, in its own temp dir."""
 
-    def __init__(self, env: dict[str, str], tmp: Path) -> None:
+    def __init__(self, env: dict[str, str], tmp: Path, body: bytes | None = None) -> None:
         self.dir = tmp / "bare_flask"
         self.dir.mkdir(exist_ok=True)
         (self.dir / "app.py").write_text(BARE_FLASK_APP)
+        if body is not None:  # served at GET /body
+            (self.dir / "body.json").write_bytes(body)
         self.port = free_port()
         self.log_path = self.dir / "gunicorn.log"
         self._log = self.log_path.open("wb")

@@ -155,11 +155,14 @@ def main() -> int:
             else:
                 redis_chat = b.start_chat({**env, "AICHAT_REDIS_URL": args.redis_url}, tmp)
                 stack.callback(redis_chat.stop)
-        bare = b.BareFlask(b.service_env(AICHAT_THREADS=args.threads), tmp)
+        # The bare app also serves /chat/roles' own document at /body: a control for the body's size.
+        roles_body = b.http_get(chat.port, "/chat/roles")[1]
+        bare = b.BareFlask(b.service_env(AICHAT_THREADS=args.threads), tmp, body=roles_body)
         stack.callback(bare.stop)
 
         endpoints = {
             "bare Flask GET /": (bare.port, "/", {}),
+            "bare Flask, roles' body": (bare.port, "/body", {}),
             "GET /chat/roles": (chat.port, "/chat/roles", {}),
             "GET /chat/history": (chat.port, f"/chat/history?role_code={b.ROLE}", user.auth),
         }
