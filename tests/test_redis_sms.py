@@ -4,10 +4,21 @@ database's limits hold on their own (including what was claimed in Redis before 
 
 from __future__ import annotations
 
+import sqlite3
+
 import pytest
 
 from tests.conftest import dysms_env
-from tests.helpers import Client, assert_error, free_port, query, random_phone, send_and_read_code
+from tests.helpers import (
+    TEST_SECRET,
+    Client,
+    assert_error,
+    free_port,
+    query,
+    random_ip,
+    random_phone,
+    send_and_read_code,
+)
 
 
 @pytest.fixture(scope="session")
@@ -117,3 +128,23 @@ def test_redis_away_the_database_limits_hold_including_what_redis_claimed(start_
     res = Client(away.base_url).post("/send_code", {"phone_number": other})
     assert_error(res, 429, "RateLimited")
     assert 55 <= int(res.headers["Retry-After"]) <= 60
+
+
+def test_a_send_the_database_would_not_store_gives_its_claim_back(login_module, tmp_path, redis_url, rdb):
+    from aichat.config import Settings
+
+    url = f"sqlite:///{tmp_path / 'aichat.db'}"
+    settings = Settings(
+        service="login", env="test", jwt_secret=TEST_SECRET, db_url=url, redis_url=redis_url, trust_proxy=True
+    )
+    client = login_module.build_app(settings).test_client()
+    ip = random_ip()
+    first = client.post("/send_code", json={"phone_number": random_phone()}, headers={"X-Forwarded-For": ip})
+    assert first.status_code == 200  # migrated and working
+    with sqlite3.connect(url.removeprefix("sqlite:///")) as conn:
+        conn.execute("DROP TABLE verification_codes")  # now the code cannot be stored
+    phone = random_phone()
+    res = client.post("/send_code", json={"phone_number": phone}, headers={"X-Forwarded-For": ip})
+    assert res.status_code == 500 and res.get_json()["code"] == "DatabaseError"
+    assert not rdb.exists(f"aichat:sms:cooldown:86:{phone}")  # the phone may ask again at once
+    assert rdb.zcard(f"aichat:sms:phone:86:{phone}") == 0

@@ -1,7 +1,7 @@
 """Verification codes and their abuse limits (verification_codes, send_cooldowns): the only code writing them.
 
-With Redis (code_limits.CodeLimits) the limits are checked there and the database only stores the code;
-without it, or while it is unavailable, the database checks them here."""
+With Redis (code_limits.CodeLimits, claimed by the service first) the limits are checked there and the
+database only stores the code; without it, or while it is unavailable, the database checks them here."""
 
 from __future__ import annotations
 
@@ -39,15 +39,14 @@ def reserve(
     code: str,
     client_ip: str,
     source_ip: str | None,
-    limits: CodeLimits | None = None,
-) -> tuple[int, str]:
-    """Check the abuse limits, claim the resend cooldown and store the (not yet usable) code: its row id and
-    its claim in Redis ("" when the database checked the limits; send_failed gives either back)."""
+    checked: bool = False,
+) -> int:
+    """Check the abuse limits (unless Redis `checked` them), claim the resend cooldown and store the (not yet
+    usable) code."""
     now = now_ms()
-    claim = limits.claim(phone=phone, client_ip=client_ip, now=now) if limits is not None else None
-    if claim is None:
+    if not checked:
         _check_in_database(tx, settings=settings, phone=phone, client_ip=client_ip, now=now)
-    code_id = tx.insert(
+    return tx.insert(
         "INSERT INTO verification_codes (country_code, phone_number, code_hash, status, attempts,"
         " client_ip, source_ip, created_at, expires_at) VALUES (?, ?, ?, ?, 0, ?, ?, ?, ?)",
         (
@@ -61,7 +60,6 @@ def reserve(
             now + settings.code_ttl_s * 1000,
         ),
     )
-    return code_id, claim or ""
 
 
 def _check_in_database(tx: Tx, *, settings: Settings, phone: Phone, client_ip: str, now: int) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 from ..config import Settings
 from ..errors import ApiError
 from ..fc import Credentials
-from ..store import Database, Tx
+from ..store import Database, Tx, now_ms
 from ..tokens import revoke, revoked
 from . import codes, profile, sessions, users
 from .code_limits import CodeLimits
@@ -69,29 +69,37 @@ class Accounts:
                 "is_test_account": True,
             }
         code = "".join(secrets.choice("0123456789") for _ in range(CODE_DIGITS))
-        with self.db.tx() as tx:
-            code_id, claim = codes.reserve(
-                tx,
-                settings=self.settings,
-                phone=phone,
-                code=code,
-                client_ip=client_ip,
-                source_ip=source_ip,
-                limits=self.code_limits,
-            )
+        # With Redis the limits are claimed there first (None: Redis unavailable, the database checks them).
+        limits = self.code_limits
+        claim = limits.claim(phone=phone, client_ip=client_ip, now=now_ms()) if limits is not None else None
+        try:
+            with self.db.tx() as tx:
+                code_id = codes.reserve(
+                    tx,
+                    settings=self.settings,
+                    phone=phone,
+                    code=code,
+                    client_ip=client_ip,
+                    source_ip=source_ip,
+                    checked=claim is not None,
+                )
+        except BaseException:
+            if claim is not None and limits is not None:  # no code was stored: the send is not spent
+                limits.give_back(phone=phone, client_ip=client_ip, member=claim)
+            raise
         try:
             receipt = self.sms.send(
                 phone_number=phone.phone_number, country_code=phone.country_code, code=code, credentials=credentials
             )
         except SmsError as exc:
-            self._send_failed(phone, code_id, client_ip, claim)
+            self._send_failed(phone, code_id, client_ip, claim or "")
             if isinstance(exc, SmsRejected):
                 if getattr(exc, "bad_number", False):
                     raise ApiError("InvalidPhoneNumber") from exc
                 raise ApiError("SendCodeFailed", status=400) from exc
             raise ApiError("SendCodeFailed", status=500) from exc
         except Exception:
-            self._send_failed(phone, code_id, client_ip, claim)
+            self._send_failed(phone, code_id, client_ip, claim or "")
             raise
         with self.db.tx() as tx:
             codes.activate(tx, phone=phone, code_id=code_id, provider_request_id=receipt.request_id)
