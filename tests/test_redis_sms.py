@@ -87,7 +87,7 @@ def test_wrong_guesses_are_counted_in_redis_and_burn_the_code(start_server, sms_
         db_url, "SELECT id, status, attempts FROM verification_codes WHERE phone_number = ?", (phone,)
     )
     assert (status, attempts) == ("burned", 0)  # burned in the database too; the guesses were counted in Redis
-    key = f"aichat:sms:guesses:{code_id}"
+    key = f"aichat:sms:guesses:86:{phone}:{code_id}"
     assert rdb.get(key) == "3" and 0 < rdb.pttl(key) <= 300_000
     res = Client(server.base_url).post("/login", {"phone_number": phone, "verify_code": code})
     assert_error(res, 401, "VerifyFailed")  # the right code, too late

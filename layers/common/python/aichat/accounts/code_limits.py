@@ -83,10 +83,10 @@ class CodeLimits:
         with contextlib.suppress(RedisUnavailable):
             self.redis.run(lambda r: self.redis.script("sms_give_back", GIVE_BACK)(keys=keys, args=[member]))
 
-    def guess(self, *, code_id: int, ttl_ms: int) -> int | None:
+    def guess(self, *, phone: Phone, code_id: int, ttl_ms: int) -> int | None:
         """Count one guess at a code (before it is checked, so parallel guesses cannot exceed the limit);
         None when Redis is unavailable."""
-        keys = [self.redis.key("sms", "guesses", str(code_id))]
+        keys = [self.redis.key("sms", "guesses", phone.key, str(code_id))]
         try:
             return int(
                 self.redis.run(lambda r: self.redis.script("sms_guess", GUESS)(keys=keys, args=[max(1, ttl_ms)]))

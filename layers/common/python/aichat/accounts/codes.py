@@ -131,19 +131,19 @@ def consume(tx: Tx, *, settings: Settings, phone: Phone, code: str, limits: Code
         row = _live_code(tx, phone=phone, lock=False)
         if row is None or row["expires_at"] <= now_ms() or row["attempts"] >= settings.code_max_attempts:
             return False
-        guesses = limits.guess(code_id=row["id"], ttl_ms=row["expires_at"] - now_ms())
+        guesses = limits.guess(phone=phone, code_id=row["id"], ttl_ms=row["expires_at"] - now_ms())
         if guesses is not None:
             spent = row["attempts"] + guesses
-            if spent > settings.code_max_attempts:
-                return False
-            if not hmac.compare_digest(row["code_hash"], code_hash(settings, phone, code)):
-                if spent >= settings.code_max_attempts:  # dead in the database too, whatever Redis does next
-                    tx.execute(
-                        "UPDATE verification_codes SET status = ? WHERE id = ? AND status = ?",
-                        (BURNED, row["id"], LIVE),
-                    )
-                return False
-            return _use(tx, row["id"])
+            right = spent <= settings.code_max_attempts and hmac.compare_digest(
+                row["code_hash"], code_hash(settings, phone, code)
+            )
+            if right:
+                return _use(tx, row["id"])
+            if spent >= settings.code_max_attempts:  # dead in the database too, whatever Redis does next
+                tx.execute(
+                    "UPDATE verification_codes SET status = ? WHERE id = ? AND status = ?", (BURNED, row["id"], LIVE)
+                )
+            return False
     row = _live_code(tx, phone=phone, lock=True)
     if row is None or row["expires_at"] <= now_ms() or row["attempts"] >= settings.code_max_attempts:
         return False
