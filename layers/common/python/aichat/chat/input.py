@@ -10,6 +10,7 @@ from typing import Any
 
 from ..config import Settings
 from ..errors import ApiError
+from ..tools.base import InvalidArguments, parse_arguments
 from . import images
 
 DATA_URL_PREFIX = re.compile(r"^data:[\w.+/-]*;base64,", re.IGNORECASE)
@@ -240,3 +241,15 @@ def decode_image(raw: str, settings: Settings) -> ChatImage:
     if problem is not None:
         raise ApiError("InvalidImage", problem)
     return ChatImage(mime_type=mime_type, base64_data=text, size=size)
+
+
+def tool_arguments(body: dict[str, Any], parameters: dict[str, Any]) -> dict[str, Any]:
+    """A request's `arguments` for a tool (/chat/skill, /chat/tool/execute): an object valid for the tool's
+    parameters, else 400 InvalidInput naming what is wrong."""
+    raw = body.get("arguments")
+    if raw is not None and not isinstance(raw, dict):
+        raise ApiError("InvalidInput", "参数 arguments 必须是对象")
+    try:
+        return parse_arguments(raw or {}, parameters)
+    except InvalidArguments as exc:
+        raise ApiError("InvalidInput", f"arguments：{exc}") from exc

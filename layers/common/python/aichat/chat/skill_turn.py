@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ApiError
 from ..store import Tx
-from ..tools.base import InvalidArguments, parse_arguments
 from . import conversations, input, messages
 from .conversations import Conversation
 from .idempotency import Replay
@@ -35,13 +34,7 @@ def start(service: ChatService, uid: str, body: dict[str, Any], keyed: Keyed) ->
     tool = service.tools.get(skill.tool)
     if tool is None:  # web search is a flag on the model's request, used as the chat goes
         raise ApiError("InvalidInput", "这个技能会在聊天中自动使用，不能单独调用")
-    raw_args = body.get("arguments")
-    if raw_args is not None and not isinstance(raw_args, dict):
-        raise ApiError("InvalidInput", "参数 arguments 必须是对象")
-    try:
-        args = parse_arguments(raw_args or {}, tool.parameters)
-    except InvalidArguments as exc:
-        raise ApiError("InvalidInput", f"arguments：{exc}") from exc
+    args = input.tool_arguments(body, tool.parameters)
     overrides = input.turn_overrides(body, service.settings)
     shown = "，".join(str(v) for v in args.values())
     text = f"（使用技能「{skill.name}」{'：' + shown if shown else ''}）"

@@ -10,8 +10,9 @@ from ..config import Settings
 from ..errors import ApiError
 from ..store import Database, now_ms
 from ..tools import runs
-from ..tools.base import InvalidArguments, ToolContext, ToolError, parse_arguments
+from ..tools.base import ToolContext, ToolError
 from ..tools.registry import ToolRegistry
+from . import input
 from .roles import RoleCatalog
 
 log = logging.getLogger("aichat.chat")
@@ -63,13 +64,7 @@ class SkillsApi:
         tool = self.tools.get(name)
         if tool is None:
             raise ApiError("ToolNotFound")
-        raw = body.get("arguments")
-        if raw is not None and not isinstance(raw, dict):
-            raise ApiError("InvalidInput", "参数 arguments 必须是对象")
-        try:
-            args = parse_arguments(raw or {}, tool.parameters)
-        except InvalidArguments as exc:
-            raise ApiError("InvalidInput", f"arguments：{exc}") from exc
+        args = input.tool_arguments(body, tool.parameters)
         self._count(uid, name)
         try:
             result = self.tools.run_now(name, args, ToolContext(uid=uid))
