@@ -59,9 +59,12 @@ class CodeLimits:
         self.settings = settings
         self.redis = redis
 
+    def _phone_keys(self, phone: Phone) -> list[str]:
+        """The phone's cooldown and its sends of the day."""
+        return [self.redis.key("sms", "cooldown", phone.key), self.redis.key("sms", "phone", phone.key)]
+
     def _keys(self, phone: Phone, client_ip: str) -> list[str]:
-        key = self.redis.key
-        return [key("sms", "cooldown", phone.key), key("sms", "phone", phone.key), key("sms", "ip", client_ip[:64])]
+        return [*self._phone_keys(phone), self.redis.key("sms", "ip", client_ip[:64])]
 
     def claim(self, *, phone: Phone, client_ip: str, now: int) -> str | None:
         """Take a send within the limits (its claim's member), raise 429 RateLimited past one, or None when
@@ -78,8 +81,8 @@ class CodeLimits:
             raise rate_limited(int(wait_ms), (COOLING_DOWN, PHONE_CAP, IP_CAP)[int(verdict) - 1])
         return member
 
-    def give_back(self, *, phone: Phone, client_ip: str, member: str) -> None:
-        keys = self._keys(phone, client_ip)[:2]
+    def give_back(self, *, phone: Phone, member: str) -> None:
+        keys = self._phone_keys(phone)
         with contextlib.suppress(RedisUnavailable):
             self.redis.run(lambda r: self.redis.script("sms_give_back", GIVE_BACK)(keys=keys, args=[member]))
 
@@ -96,6 +99,6 @@ class CodeLimits:
 
     def forget(self, phone: Phone) -> None:
         """Account deletion: the phone's cooldown and cap (best effort: both expire anyway)."""
-        keys = self._keys(phone, "")[:2]
+        keys = self._phone_keys(phone)
         with contextlib.suppress(RedisUnavailable):
             self.redis.run(lambda r: r.delete(*keys))

@@ -85,32 +85,32 @@ class Accounts:
                 )
         except BaseException:
             if claim is not None and limits is not None:  # no code was stored: the send is not spent
-                limits.give_back(phone=phone, client_ip=client_ip, member=claim)
+                limits.give_back(phone=phone, member=claim)
             raise
         try:
             receipt = self.sms.send(
                 phone_number=phone.phone_number, country_code=phone.country_code, code=code, credentials=credentials
             )
         except SmsError as exc:
-            self._send_failed(phone, code_id, client_ip, claim or "")
+            self._send_failed(phone, code_id, claim or "")
             if isinstance(exc, SmsRejected):
                 if getattr(exc, "bad_number", False):
                     raise ApiError("InvalidPhoneNumber") from exc
                 raise ApiError("SendCodeFailed", status=400) from exc
             raise ApiError("SendCodeFailed", status=500) from exc
         except Exception:
-            self._send_failed(phone, code_id, client_ip, claim or "")
+            self._send_failed(phone, code_id, claim or "")
             raise
         with self.db.tx() as tx:
             codes.activate(tx, phone=phone, code_id=code_id, provider_request_id=receipt.request_id)
         log.info("verification code sent", extra={"phone": phone.masked, "client_ip": client_ip})
         return {"success": True, "message": "验证码已发送", "request_id": receipt.request_id, "biz_id": receipt.biz_id}
 
-    def _send_failed(self, phone: Phone, code_id: int, client_ip: str, claim: str) -> None:
+    def _send_failed(self, phone: Phone, code_id: int, claim: str) -> None:
         with self.db.tx() as tx:
             codes.send_failed(tx, phone=phone, code_id=code_id)
         if claim and self.code_limits is not None:
-            self.code_limits.give_back(phone=phone, client_ip=client_ip, member=claim)
+            self.code_limits.give_back(phone=phone, member=claim)
 
     # -- login -------------------------------------------------------------------------------------
     def login(self, body: dict[str, Any], *, client_ip: str = "", user_agent: str = "") -> dict[str, Any]:

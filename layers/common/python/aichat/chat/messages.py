@@ -10,6 +10,11 @@ from ..store import Row, Tx, now_ms
 HISTORY_COLUMNS = "id, sender_role, content, has_image, is_partial, created_at"
 # The history extension `include_tools=1` reads the trace too.
 HISTORY_COLUMNS_WITH_TOOLS = HISTORY_COLUMNS + ", tool_calls"
+# The same, of the messages table as `m` (history() may join the conversation).
+_M_HISTORY_COLUMNS, _M_HISTORY_COLUMNS_WITH_TOOLS = (
+    ", ".join(f"m.{name.strip()}" for name in columns.split(","))
+    for columns in (HISTORY_COLUMNS, HISTORY_COLUMNS_WITH_TOOLS)
+)
 
 
 def add_user_message(tx: Tx, *, uid: str, role_code: str, conversation_id: str, text: str, has_image: bool) -> int:
@@ -121,9 +126,7 @@ def history(
     """A conversation's messages oldest first: all of them, or the `limit` newest before `before_id`. The
     conversation is one by id, or a user's default one of a role, `default_of=(uid, role_code)`, found in the
     same query (the hot path of the contract's /chat/history: one round trip, not two)."""
-    columns = ", ".join(
-        f"m.{name.strip()}" for name in (HISTORY_COLUMNS_WITH_TOOLS if with_tools else HISTORY_COLUMNS).split(",")
-    )
+    columns = _M_HISTORY_COLUMNS_WITH_TOOLS if with_tools else _M_HISTORY_COLUMNS
     if conversation_id is not None:
         sql = f"SELECT {columns} FROM messages m WHERE m.conversation_id = ?"
         params: list[Any] = [conversation_id]
